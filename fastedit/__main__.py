@@ -1,0 +1,5 @@
+import sys
+
+from fastedit.cli import main
+
+sys.exit(main())
