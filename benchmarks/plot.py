@@ -2,7 +2,7 @@
 
     python benchmarks/plot.py [--csv benchmarks/results/results.csv] [-o benchmarks/results/speedup.png]
 
-Draws the newest result of each benchmark that has a baseline (log scale, one colour per device,
+Draws the newest result of each benchmark that has a baseline, as table.py selects them (log scale, one colour per device,
 the ARCHITECTURE.md target as a tick where the bench gave one). Needs matplotlib, which is not a
 dependency of fastedit: ``pip install -e ".[bench]"``.
 """
@@ -29,10 +29,9 @@ def _pyplot():
     return plt
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> int:
+def plot(rows: list[dict], path: pathlib.Path, include_small: bool = False) -> int:
     """Write the chart of ``rows`` (CSV rows) to ``path``; returns the number of bars drawn."""
-    bars = [r for r in record.latest(rows) if r["speedup"]]
-    bars.sort(key=table.display_order)
+    bars = [r for r in table.shown(rows, include_small) if r["speedup"]]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.38 * max(len(bars), 1)))
     if not bars:
@@ -73,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=pathlib.Path, default=record.DEFAULT_CSV, help="results CSV (default: %(default)s)")
     parser.add_argument("-o", "--output", type=pathlib.Path, default=DEFAULT_PNG, help="PNG to write (default: %(default)s)")
+    parser.add_argument("--include-small", action="store_true", help="also draw results of the small (CI smoke) size")
     args = parser.parse_args(argv)
     try:
-        n = plot(record.read_csv(args.csv), args.output)
+        n = plot(record.read_csv(args.csv), args.output, args.include_small)
     except record.RecordError as exc:
         print(f"plot: error: {exc}", file=sys.stderr)
         return 2

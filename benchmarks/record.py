@@ -110,12 +110,20 @@ def _size(bench: dict) -> str:
     return "" if value is None else str(value)
 
 
+def _commit(info: dict) -> str:
+    commit = str(info.get("id", "unknown"))
+    # run_gpu.sh passes "<sha>-dirty" itself; git's own flag comes as commit_info["dirty"].
+    if info.get("dirty") and not commit.endswith("-dirty"):
+        commit += "-dirty"
+    return commit
+
+
 def rows(run: dict) -> list[dict]:
     """The CSV rows of one run (all columns as strings), with speedups filled in."""
     info = run["machine_info"]["fastedit"]
     common = {
         "date": _run_date(run),
-        "commit": str(run["commit_info"].get("id", "unknown")) + ("-dirty" if run["commit_info"].get("dirty") else ""),
+        "commit": _commit(run["commit_info"]),
         "device": info["device"], "device_kind": info["device_kind"], "torch": info["torch"],
         "triton": info["triton"], "cuda": info["cuda"], "bench_size": info["bench_size"], "run": run_name(run),
     }

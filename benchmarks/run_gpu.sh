@@ -143,9 +143,9 @@ run_bench() {
     # The CSV under $OUT holds this run only; record.py appends it to the versioned one at home.
     "$PY" benchmarks/record.py --merge --csv "$OUT/results.csv" --json-dir "$OUT" "${jsons[@]}" \
         || FAILED+=("record")
-    "$PY" benchmarks/table.py --csv "$OUT/results.csv" >"$OUT/table.md" || FAILED+=("table")
+    "$PY" benchmarks/table.py --include-small --csv "$OUT/results.csv" >"$OUT/table.md" || FAILED+=("table")
     if "$PY" -c "import matplotlib" 2>/dev/null; then
-        "$PY" benchmarks/plot.py --csv "$OUT/results.csv" -o "$OUT/speedup.png" || FAILED+=("plot")
+        "$PY" benchmarks/plot.py --include-small --csv "$OUT/results.csv" -o "$OUT/speedup.png" || FAILED+=("plot")
     fi
     echo
     cat "$OUT/table.md"

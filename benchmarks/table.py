@@ -2,7 +2,8 @@
 
     python benchmarks/table.py [--csv benchmarks/results/results.csv] [--update-readme README.md]
 
-One row per fastedit entry (the newest of each benchmark, see record.latest), GPU rows first:
+One row per fastedit entry (the newest of each benchmark, see record.latest; results of the
+"small" CI smoke size only with --include-small), GPU rows first:
 op, size, device, baseline time, fastedit time, speedup (measured in the same run), the target of
 ARCHITECTURE.md the bench attached (``extra_info["target"]``, marked met/missed where it is a
 speedup "≥ N×" or a time "< N min"), rates and error, and the command that reproduces it.
@@ -79,18 +80,26 @@ def _reproduce(row: dict) -> str:
             f"--benchmark-enable --benchmark-only -k \"{k}\"`")
 
 
-def markdown(rows: list[dict]) -> str:
+def shown(rows: list[dict], include_small: bool = False) -> list[dict]:
+    """The newest row of each benchmark that is not a baseline, in display order.
+
+    Rows of the "small" size are CI smoke shapes, timed once at most: left out unless asked for.
+    """
+    keep = [r for r in record.latest(rows) if r["role"] != "baseline" and (include_small or r["bench_size"] != "small")]
+    return sorted(keep, key=display_order)
+
+
+def markdown(rows: list[dict], include_small: bool = False) -> str:
     """The results table (plus one line per run it draws on) for the newest row of each benchmark."""
-    shown = [r for r in record.latest(rows) if r["role"] != "baseline"]
-    if not shown:
+    shown_rows = shown(rows, include_small)
+    if not shown_rows:
         return "_No results recorded yet: see benchmarks/README.md._"
     per_slot: dict[tuple, set] = {}
-    for r in shown:
+    for r in shown_rows:
         per_slot.setdefault((r["device"], r["group"], r["size"]), set()).add(r["name"])
-    shown.sort(key=display_order)
 
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    for r in shown:
+    for r in shown_rows:
         op = r["op"] if len(per_slot[(r["device"], r["group"], r["size"])]) == 1 else f"{r['op']} ({r['name']})"
         speedup = float(r["speedup"]) if r["speedup"] else None
         met = target_met(r["target"], speedup, float(r["median_s"])) if r["target"] else None
@@ -105,10 +114,10 @@ def markdown(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
 
     runs = {}
-    for r in shown:
+    for r in shown_rows:
         runs.setdefault(r["run"], r)
     lines.append("")
-    lines.append("Runs (newest result of each benchmark, from benchmarks/results/results.csv):")
+    lines.append("Runs these results come from:")
     for name, r in runs.items():
         lines.append(f"- `{name}`: {r['device_kind'].upper()} {r['device']}, torch {r['torch']}, "
                      f"triton {r['triton']}, CUDA {r['cuda']}, commit `{r['commit']}`, size `{r['bench_size']}`")
@@ -134,10 +143,11 @@ def update_readme(path: pathlib.Path, block: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=pathlib.Path, default=record.DEFAULT_CSV, help="results CSV (default: %(default)s)")
+    parser.add_argument("--include-small", action="store_true", help="also show results of the small (CI smoke) size")
     parser.add_argument("--update-readme", type=pathlib.Path, metavar="README", help="rewrite the results block of this file")
     args = parser.parse_args(argv)
     try:
-        block = markdown(record.read_csv(args.csv))
+        block = markdown(record.read_csv(args.csv), args.include_small)
         if args.update_readme:
             changed = update_readme(args.update_readme, block)
             print(f"table: {args.update_readme} {'updated' if changed else 'already up to date'}")

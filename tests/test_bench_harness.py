@@ -179,6 +179,15 @@ def test_table_shows_the_newest_result_gpu_rows_first(harness, tmp_path):
     assert "-k \"ch or lu\"" in body[0] and "FASTEDIT_BENCH_SIZE=gpu" in body[0]
 
 
+def test_table_leaves_out_smoke_size_results_unless_asked(harness, tmp_path):
+    record, table = harness
+    smoke = _run([_bench("ch", "solve", 0.1, role="fastedit")], device="AMD EPYC 9654", kind="cpu")
+    smoke["machine_info"]["fastedit"]["bench_size"] = "small"
+    rows = record.rows(smoke)
+    assert table.markdown(rows).startswith("_No results recorded yet")
+    assert "| solve | — | CPU · AMD EPYC 9654 |" in table.markdown(rows, include_small=True)
+
+
 def test_readme_block_rewrite_keeps_the_rest_intact(harness, tmp_path):
     _, table = harness
     head = "# Title\n\nIntro with <!-- other --> comment.\n\n## Results\n"
@@ -285,3 +294,12 @@ def test_run_gpu_script_parses():
     if shutil.which("shellcheck"):
         proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("commit, dirty, shown", [("abc1", False, "abc1"), ("abc1", True, "abc1-dirty"),
+                                                   ("abc1-dirty", True, "abc1-dirty")])
+def test_commit_marked_dirty_once(harness, commit, dirty, shown):
+    record, _ = harness
+    run = _run([_bench("x", "g", 1.0)], commit=commit)
+    run["commit_info"]["dirty"] = dirty
+    assert record.rows(run)[0]["commit"] == shown
