@@ -36,6 +36,8 @@ import shlex
 import pytest
 import torch
 
+import fastedit
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -77,7 +79,6 @@ def _bench_size(device: torch.device) -> BenchSize:
     return BenchSize(name)
 
 
-
 def pytest_configure(config):
     # Fail at start-up, not in the middle of a run, on a mistyped environment variable.
     config._fastedit_bench = {"device": _device()}
@@ -98,9 +99,10 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def _version(dist: str) -> str:
+def _triton_version() -> str:
+    # From the package metadata: importing triton here would fix TRITON_INTERPRET too early.
     try:
-        return importlib.metadata.version(dist)
+        return importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         return "absent"
 
@@ -182,8 +184,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "device": _device_name(dev),
         "device_kind": "gpu" if dev.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "fastedit": _version("fastedit"),
+        "triton": _triton_version(),
+        "fastedit": fastedit.__version__,
         "cuda": torch.version.cuda or "none",
         "capability": ".".join(map(str, torch.cuda.get_device_capability(dev))) if dev.type == "cuda" else "",
         "bench_size": str(info["size"]),

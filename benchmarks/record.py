@@ -222,6 +222,9 @@ def record(paths: list[pathlib.Path], csv_path: pathlib.Path, json_dir: pathlib.
         if name in known and not force:
             print(f"record: {name} is already in {csv_path}; skipped (--force records it again)", file=sys.stderr)
             continue
+        if run["machine_info"]["fastedit"].get("triton_interpret") and run["machine_info"]["fastedit"]["device_kind"] == "gpu":
+            print(f"record: warning: {name} ran with TRITON_INTERPRET=1 on a GPU: its Triton timings mean nothing",
+                  file=sys.stderr)
         new_rows = rows(run)
         append_csv(new_rows, csv_path)
         known.add(name)

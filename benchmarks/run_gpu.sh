@@ -71,6 +71,11 @@ step() {
     timeout --foreground --signal=INT --kill-after=20 "$limit" "$@"
     rc=$?
     log "END $name: exit $rc after $((SECONDS - start))s$( ((rc == 124)) && echo ' (timed out)')"
+    # pytest's 5 is "no tests collected": nothing is marked cuda yet, say, which is not a failure.
+    if ((rc == 5)) && [[ ${ALLOW_EMPTY:-} == 1 ]]; then
+        log "$name: no tests collected"
+        return 0
+    fi
     ((rc == 0)) || FAILED+=("$name(exit $rc)")
     return 0
 }
@@ -107,8 +112,13 @@ gpu_env() {
 
 run_tests() {
     gpu_env
-    step tests-cuda 240 "$PY" -m pytest tests -m cuda -q -p no:cacheprovider --junitxml="$OUT/tests-cuda.xml"
-    step tests-gpu 300 "$PY" -m pytest tests -m "not cuda" -q -p no:cacheprovider --junitxml="$OUT/tests-gpu.xml"
+    ALLOW_EMPTY=1 step tests-cuda 240 "$PY" -m pytest tests -m cuda -q -p no:cacheprovider --junitxml="$OUT/tests-cuda.xml"
+    # The rest of the suite is mostly CPU work and Triton compiles: spread it over the 16 cores
+    # when pytest-xdist is there (it is in the GPU image, not a dependency of ours).
+    local parallel=()
+    "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+    step tests-gpu 300 "$PY" -m pytest tests -m "not cuda" -q -p no:cacheprovider "${parallel[@]}" \
+        --junitxml="$OUT/tests-gpu.xml"
 }
 
 # run_bench PYTEST_EXTRA_ARGS... -- STEM...: one pytest per bench file, then record + table + plot.

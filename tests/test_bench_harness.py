@@ -243,7 +243,8 @@ def test_conftest_hooks_end_to_end(harness, tmp_path):
     (tmp_path / "bench_mm.py").write_text(DUMMY_BENCH)
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTEDIT_")}
-    env.update(FASTEDIT_BENCH_SIZE="full", FASTEDIT_BENCH_DEVICE="cpu", FASTEDIT_COMMIT="feedc0ffee12")
+    env.update(FASTEDIT_BENCH_SIZE="full", FASTEDIT_BENCH_DEVICE="cpu", FASTEDIT_COMMIT="feedc0ffee12",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
          "--rootdir", str(tmp_path), "--benchmark-enable", "--benchmark-min-rounds=1", "--benchmark-max-time=0.001",
