@@ -8,7 +8,7 @@
 #                  the test suite with FASTEDIT_TEST_GPU=1 (Triton compiled, not interpreted)
 #   bench-solvers  benchmarks of solver, null_space, ext, norm_anchor
 #   bench-kernels  benchmarks of syrk, stats
-#   bench-e2e      benchmarks of targets, edit
+#   bench-e2e      benchmarks of targets, edit, eval
 #   bench [STEM..] the named benchmarks/bench_<STEM>.py (all of them when none is named)
 #   bench-smoke    CPU plumbing check: every bench file at the small size, few rounds, no GPU needed
 #
@@ -17,7 +17,8 @@
 # The copy of the tree on the GPU machine has no git history: pass the commit as FASTEDIT_COMMIT.
 #
 # Environment: OUT (required: where results go), FASTEDIT_COMMIT, FASTEDIT_BENCH_SIZE (default
-# gpu; small for bench-smoke), FASTEDIT_GPU_BUDGET_S (whole-script budget, default 560 s),
+# gpu; small for bench-smoke), FASTEDIT_REQUIRE_EXT (default 1 on the GPU modes: the extension
+# must build), FASTEDIT_GPU_BUDGET_S (whole-script budget, default 560 s),
 # FASTEDIT_BENCH_FILE_S (per bench file, default 300 s), PYTHON (default python3).
 # Each step runs under `timeout`; a bench file that overruns is interrupted (SIGINT), so the
 # results it finished are still written. The exit status is non-zero when any step failed.
@@ -106,6 +107,8 @@ gpu_env() {
     # Compiled Triton, not the interpreter (tests/conftest.py honours FASTEDIT_TEST_GPU).
     export FASTEDIT_TEST_GPU=1
     unset TRITON_INTERPRET
+    # As in CI: a failed extension build is an error here, not a silent fallback to torch ops.
+    export FASTEDIT_REQUIRE_EXT=${FASTEDIT_REQUIRE_EXT:-1}
     export FASTEDIT_BENCH_SIZE=${FASTEDIT_BENCH_SIZE:-gpu}
     step build-ext 300 "$PY" -m fastedit build-ext
 }
@@ -172,7 +175,7 @@ main() {
         bench) gpu_env; run_bench "${GPU_BENCH[@]}" -- "$@" ;;
         bench-solvers) gpu_env; run_bench "${GPU_BENCH[@]}" -- solver null_space ext norm_anchor ;;
         bench-kernels) gpu_env; run_bench "${GPU_BENCH[@]}" -- syrk stats ;;
-        bench-e2e) gpu_env; run_bench "${GPU_BENCH[@]}" -- targets edit ;;
+        bench-e2e) gpu_env; run_bench "${GPU_BENCH[@]}" -- targets edit eval ;;
         bench-smoke)
             export FASTEDIT_BENCH_SIZE=${FASTEDIT_BENCH_SIZE:-small}
             run_bench --benchmark-min-rounds=1 --benchmark-max-time=0.05 -- "$@"
