@@ -36,8 +36,8 @@ MODE=$1
 shift
 [[ -n ${OUT:-} ]] || { echo "run_gpu.sh: set OUT to the folder for results (the device tool sets it)" >&2; exit 2; }
 
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 cd "$(dirname "$0")/.." || exit 2
-mkdir -p "$OUT"
 
 PY=${PYTHON:-python3}
 BUDGET_S=${FASTEDIT_GPU_BUDGET_S:-560}
@@ -69,6 +69,9 @@ step() {
     limit=$((max < left ? max : left))
     log "BEGIN $name (limit ${limit}s): $*"
     start=$SECONDS
+    # SIGINT makes pytest stop like Ctrl-C: it still writes the benchmark JSON of what finished.
+    # --foreground signals pytest alone; signalled as a group too, it got a second SIGINT while
+    # it was writing up the first.
     timeout --foreground --signal=INT --kill-after=20 "$limit" "$@"
     rc=$?
     log "END $name: exit $rc after $((SECONDS - start))s$( ((rc == 124)) && echo ' (timed out)')"
@@ -145,7 +148,8 @@ run_bench() {
             continue
         fi
         step "bench_$stem" "$FILE_S" "$PY" -m pytest "$file" -q -p no:cacheprovider --benchmark-enable \
-            --benchmark-only --benchmark-json="$raw/bench_$stem.json" "${extra[@]}"
+            --benchmark-only --benchmark-json="$raw/bench_$stem.json" \
+            --benchmark-columns=median,min,stddev,rounds,iterations "${extra[@]}"
         [[ -s $raw/bench_$stem.json ]] && jsons+=("$raw/bench_$stem.json")
     done
     if ((${#jsons[@]} == 0)); then
