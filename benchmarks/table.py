@@ -6,7 +6,7 @@ One row per fastedit entry (the newest of each benchmark, see record.latest; res
 "small" CI smoke size only with --include-small), GPU rows first:
 op, size, device, baseline time, fastedit time, speedup (measured in the same run), the target of
 ARCHITECTURE.md the bench attached (``extra_info["target"]``, marked met/missed where it is a
-speedup "≥ N×" or a time "< N min"), rates and error, and the command that reproduces it.
+speedup "≥ N×" or a time "< N min", with its "err ≤ X" clause if any), rates and error, and the command that reproduces it.
 Without ``--update-readme`` the table goes to stdout; with it, the text between
 ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced and the rest is left alone.
 """
@@ -34,19 +34,24 @@ def speedup_target(target: str) -> float | None:
     return float(ratio[1]) if ratio else None
 
 
-def target_met(target: str, speedup: float | None, median_s: float) -> bool | None:
-    """Whether ``target`` holds: "≥ 30× ..." against the speedup, "< 3 min" against the time.
+def target_met(target: str, speedup: float | None, median_s: float, rel_err: float | None = None) -> bool | None:
+    """Whether ``target`` holds: "≥ 30× ..." against the speedup, "< 3 min" against the time,
+    and a clause "err ≤ 1e-6" (if any) against the measured relative error.
 
     None when the target is of another kind (e.g. a fraction of peak) or has nothing to compare.
     """
     ratio = speedup_target(target)
-    if ratio is not None:
-        return None if speedup is None else speedup >= ratio
     limit = re.search(r"(?:<|≤|<=)\s*([\d.]+)\s*(min|ms|s)(?![a-z])", target)
-    if limit:
-        scale = {"min": 60.0, "s": 1.0, "ms": 1e-3}[limit[2]]
-        return median_s <= float(limit[1]) * scale
-    return None
+    if ratio is not None:
+        met = None if speedup is None else speedup >= ratio
+    elif limit:
+        met = median_s <= float(limit[1]) * {"min": 60.0, "s": 1.0, "ms": 1e-3}[limit[2]]
+    else:
+        return None
+    error = re.search(r"err\S*\s*(?:≤|<=)\s*([\d.]+(?:e[-+]?\d+)?)", target, re.IGNORECASE)
+    if met and error:
+        met = None if rel_err is None else rel_err <= float(error[1])
+    return met
 
 
 def natural_key(text: str) -> list:
@@ -102,7 +107,8 @@ def markdown(rows: list[dict], include_small: bool = False) -> str:
     for r in shown_rows:
         op = r["op"] if len(per_slot[(r["device"], r["group"], r["size"])]) == 1 else f"{r['op']} ({r['name']})"
         speedup = float(r["speedup"]) if r["speedup"] else None
-        met = target_met(r["target"], speedup, float(r["median_s"])) if r["target"] else None
+        rel_err = float(r["rel_err"]) if r["rel_err"] else None
+        met = target_met(r["target"], speedup, float(r["median_s"]), rel_err) if r["target"] else None
         target = r["target"] + {True: " ✓", False: " ✗ (missed)", None: ""}[met]
         cells = (
             op, r["size"] or "—", f"{r['device_kind'].upper()} · {r['device']}",
