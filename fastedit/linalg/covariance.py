@@ -31,8 +31,8 @@ from fastedit.errors import InputError
 from fastedit.kernels import resolve_backend
 
 #: Tokens per fp32 chunk on the torch path: bounds the fp32 copy of the chunk (d_k = 14336:
-#: 235 MB) and the fp32 accumulation error (sgemm sums at most this many products).
-TORCH_CHUNK_TOKENS = 4096
+#: 117 MB) and the fp32 accumulation error (sgemm sums at most this many products).
+TORCH_CHUNK_TOKENS = 2048
 
 _FORMAT = "fastedit-covariance-v1"
 _RESERVED_KEYS = ("fastedit_format",)
