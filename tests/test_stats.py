@@ -68,7 +68,7 @@ def reference_stats(model, tokenizer, layers, docs, max_length):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_one_pass_equals_per_document_float64_hooks(arch, gen):
     model = tiny_model(arch, dtype=torch.float64, seed=gen.initial_seed() % 1000)
-    docs = random_docs(gen, 23)
+    docs = random_docs(gen, 17)
     layers = [1, 3, 0]
     ref, count = reference_stats(model, word_tokenizer(), layers, docs, max_length=17)
     for side in ("right", "left"):
@@ -85,7 +85,7 @@ def test_float32_pass_is_as_accurate_as_a_float32_per_layer_pass(gen):
     model64 = tiny_model("llama", dtype=torch.float64, seed=3)
     model32 = tiny_model("llama", dtype=torch.float32, seed=3)
     tok = word_tokenizer("left")
-    docs = random_docs(gen, 31)
+    docs = random_docs(gen, 19)
     ref, count = reference_stats(model64, tok, [2], docs, max_length=25)
     # The references' way: one fp32 forward per batch, fp32 running sum of the keys.
     ad = get_adapter(model32)

@@ -77,7 +77,7 @@ def check_metadata(path, found: dict, expected: dict) -> None:
 
 def load_checked(path, expected: dict, device=None):
     """The CovarianceAccumulator saved at ``path``, after :func:`check_metadata`."""
-    from fastedit.linalg.covariance import CovarianceAccumulator
+    from fastedit.linalg import CovarianceAccumulator
 
     acc = CovarianceAccumulator.load(path, device=device)
     check_metadata(path, dict(acc.metadata), expected)
@@ -113,7 +113,7 @@ class Checkpoint:
 
         A checkpoint made for another request raises CacheMismatchError (the field named).
         """
-        from fastedit.linalg.covariance import CovarianceAccumulator
+        from fastedit.linalg import CovarianceAccumulator
 
         if not self.progress.is_file():
             return None
@@ -147,8 +147,10 @@ class Checkpoint:
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-        if self.dir.parent.is_dir() and not any(self.dir.parent.iterdir()):
-            self.dir.parent.rmdir()
+        try:
+            self.dir.parent.rmdir()  # only when no other rank's checkpoint is left in it
+        except OSError:
+            pass
 
 
 def read_reference_npz(path) -> tuple[torch.Tensor, int]:

@@ -17,7 +17,7 @@ import torch
 
 from fastedit import __version__
 from fastedit.errors import InputError
-from fastedit.linalg.covariance import CovarianceAccumulator
+from fastedit.linalg import CovarianceAccumulator
 from fastedit.models import forward_until, get_adapter
 from fastedit.stats import batching, cache, distributed
 from fastedit.stats.corpus import StreamCorpus, open_corpus, select_documents, selection_digest
@@ -277,16 +277,19 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
     if directory is not None:
         if rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
+            extra_meta = {}
             if selection is not None:
-                cache.write_json_atomic(directory / f"documents-{selection_digest(selection)[:16]}.json",
+                digest = selection_digest(selection)
+                extra_meta["documents_sha256"] = digest
+                # The selection's record: all documents, or the sampled indices.
+                cache.write_json_atomic(directory / f"documents-{digest[:16]}.json",
                                         {"seed": seed, "num_samples": num_samples, "corpus_size": corpus_size,
-                                         "indices": selection})
+                                         "indices": "all" if isinstance(selection, range) else selection})
             for l in todo:
-                meta = {**layer_meta[l], "complete": "true", "tokens": accs[l].count,
-                        "documents": consumed if streamed else len(selection), "fastedit_version": __version__}
-                if selection is not None:
-                    meta["documents_sha256"] = selection_digest(selection)
-                accs[l].save(cache.layer_path(directory, l), meta)
+                accs[l].save(cache.layer_path(directory, l),
+                             {**layer_meta[l], **extra_meta, "complete": "true", "tokens": accs[l].count,
+                              "documents": consumed if streamed else len(selection),
+                              "fastedit_version": __version__})
         if world_size > 1:
             torch.distributed.barrier()
         checkpoint.clear()

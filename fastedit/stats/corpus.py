@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
 from array import array
 from typing import Iterable, Iterator, Sequence
 
@@ -186,21 +187,24 @@ def open_corpus(source, *, name: str | None = None, text_field: str = "text", sp
                      f"got {type(source).__name__}")
 
 
-def select_documents(corpus_size: int, num_samples: int | None, seed: int) -> list[int]:
-    """The indices of the documents a pass reads: all of them when ``num_samples`` is None or
-    not smaller than the corpus, else ``num_samples`` distinct indices drawn uniformly with
-    ``torch.randperm(corpus_size, generator=seeded(seed))``, returned in increasing order so
-    that files are read front to back. The same (size, num_samples, seed) always gives the
-    same list."""
+def select_documents(corpus_size: int, num_samples: int | None, seed: int) -> Sequence[int]:
+    """The indices of the documents a pass reads: ``range(corpus_size)`` when ``num_samples``
+    is None or not smaller than the corpus (no list held, whatever the corpus size), else
+    ``num_samples`` distinct indices drawn uniformly with ``torch.randperm(corpus_size,
+    generator=seeded(seed))``, as a list in increasing order so that files are read front to
+    back. The same (size, num_samples, seed) always gives the same indices."""
     if num_samples is not None and num_samples <= 0:
         raise InputError(f"num_samples must be positive, got {num_samples}")
     if num_samples is None or num_samples >= corpus_size:
-        return list(range(corpus_size))
+        return range(corpus_size)
     gen = torch.Generator().manual_seed(int(seed))
     chosen = torch.randperm(corpus_size, generator=gen)[:num_samples]
     return chosen.sort().values.tolist()
 
 
 def selection_digest(indices: Sequence[int]) -> str:
-    """SHA-256 of the selected document indices (as little-endian int64), for the metadata."""
-    return hashlib.sha256(array("q", indices).tobytes()).hexdigest()
+    """SHA-256 of the selected document indices (as int64 in little-endian order)."""
+    data = array("q", indices)
+    if sys.byteorder != "little":
+        data.byteswap()
+    return hashlib.sha256(data.tobytes()).hexdigest()

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from fastedit.linalg.covariance import CovarianceAccumulator
+from fastedit.linalg import CovarianceAccumulator
 
 
 def world() -> tuple[int, int]:
@@ -22,9 +22,9 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+def shard(indices: Sequence[int], rank: int, world_size: int) -> Sequence[int]:
     """This rank's documents: every ``world_size``-th selected index, from position ``rank``."""
-    return list(indices[rank::world_size])
+    return indices[rank::world_size]
 
 
 def _from_totals(total: torch.Tensor, count: int) -> CovarianceAccumulator:
