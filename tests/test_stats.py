@@ -115,6 +115,20 @@ def test_token_ids_corpus_and_truncation_count(gen):
     assert_close(layer_covariance(model, None, 2, docs, max_length=16, progress=False), ref / stats[2].count, 1e-10)
 
 
+def test_rewrite_template_override(gen):
+    model = tiny_model("llama", dtype=torch.float64)
+    docs = [torch.randint(0, VOCAB, (int(n),), generator=gen).tolist() for n in torch.randint(1, 20, (7,), generator=gen)]
+    stats = collect_stats(model, None, [1], docs, max_length=20, rewrite="model.layers.{}.mlp.up_proj", progress=False)
+    up = model.get_submodule("model.layers.1.mlp.up_proj")
+    ref = torch.zeros(up.in_features, up.in_features, dtype=torch.float64)
+    with torch.no_grad(), capture({0: up}, inputs=True) as keys:
+        for d in docs:
+            model(input_ids=torch.tensor([d]))
+            ref += keys[0][0].T @ keys[0][0]
+    assert stats[1].d_k == 48
+    assert_close(stats[1].sum, ref, 1e-10)
+
+
 def test_pack_keeps_order_and_budget(gen):
     lists = [list(range(int(n))) for n in torch.randint(0, 12, (40,), generator=gen)]
     batches = list(pack(lists, 24, pad_id=5, padding_side="left"))
@@ -273,7 +287,7 @@ def test_cli_collects_into_the_cache_and_reports_errors(tmp_path, gen, capsys):
     (tmp_path / "wiki.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     name = str(tmp_path / "model")
     argv = ["stats", "--model", name, "--layers", "1,3", "--corpus", str(tmp_path / "wiki.jsonl"),
-            "--max-length", "24", "--token-budget", "96", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+            "--max-length", "24", "--token-budget", "96", "--cache-dir", str(tmp_path / "cache"),
             "--num-samples", "10", "--device", "cpu"]
     assert main(argv) == 0
     assert "layer 3:" in capsys.readouterr().out

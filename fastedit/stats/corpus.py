@@ -172,6 +172,8 @@ def open_corpus(source, *, name: str | None = None, text_field: str = "text", sp
         path = pathlib.Path(source)
         if path.is_file():
             return FileCorpus(path, text_field=text_field, name=name)
+        if path.is_dir():
+            raise InputError(f"corpus {str(source)!r} is a directory; pass one .txt or .jsonl file")
         if isinstance(source, os.PathLike) or path.suffix.lower() in (".txt", ".jsonl", ".json", ".ndjson"):
             raise InputError(f"corpus file {str(source)!r} does not exist")
         dataset, _, config = str(source).partition(":")
