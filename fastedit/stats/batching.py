@@ -7,6 +7,8 @@ so "documents consumed" after a batch is a resumable position.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -111,3 +113,49 @@ def _pad(rows, length, pad_id, side, end) -> Batch:
         mask[r, sl] = 1
     positions = (mask.cumsum(1) - 1).clamp_min(0)
     return Batch(ids, mask, positions, end)
+
+
+def prefetch(items: Iterable, depth: int = 4) -> Iterator:
+    """Yield ``items`` in order, produced by a background thread up to ``depth`` ahead.
+
+    Reading, tokenizing and packing the next batches then overlaps the forward pass of the
+    current one (tokenizers release the GIL). An exception in the producer is raised here;
+    leaving the loop early stops the producer.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((done, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            buffer.put((done, exc))
+
+    worker = threading.Thread(target=produce, name="fastedit-stats-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = buffer.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                buffer.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        worker.join()

@@ -108,7 +108,7 @@ class Checkpoint:
     def _file(self, layer: int, n: int) -> pathlib.Path:
         return self.dir / f"layer_{layer}.partial-{n}.safetensors"
 
-    def load(self, layers, request: dict, device=None):
+    def load(self, layers, request: dict, device=None, backend=None):
         """(accumulators by layer, documents consumed) of the last committed checkpoint, or None.
 
         A checkpoint made for another request raises CacheMismatchError (the field named).
@@ -119,7 +119,7 @@ class Checkpoint:
             return None
         state = json.loads(self.progress.read_text())
         for key, want in request.items():
-            if key in MATCH_FIELDS and key not in ("layer", "module") and state["request"].get(key) != str(want):
+            if state["request"].get(key) != str(want):
                 raise CacheMismatchError(
                     f"the interrupted run in {self.dir} was collecting {key}={state['request'].get(key)!r} but this "
                     f"request has {key}={str(want)!r}; use a different cache directory (--cache-dir) or start "
@@ -130,7 +130,7 @@ class Checkpoint:
                 f"the interrupted run in {self.dir} collected layers {sorted(map(int, state['layers']))}, "
                 f"not {missing}; request the same layers to resume, or start over (--overwrite)")
         n = int(state["documents"])
-        accs = {l: CovarianceAccumulator.load(self._file(l, n), device=device) for l in layers}
+        accs = {l: CovarianceAccumulator.load(self._file(l, n), device=device, backend=backend) for l in layers}
         return accs, n
 
     def save(self, accs: dict, n: int, request: dict, layer_meta: dict) -> None:

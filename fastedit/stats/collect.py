@@ -222,7 +222,7 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
 
     accs, consumed = None, 0
     if checkpoint is not None:
-        resumed = checkpoint.load(todo, request, device=device)
+        resumed = checkpoint.load(todo, request, device=device, backend=backend)
         if resumed is not None:
             accs, consumed = resumed
     if accs is None:
@@ -242,7 +242,8 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
     side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
     pad_id = _pad_id(tokenizer)
     tokens = batching.tokenize(docs, tokenizer, max_length)
-    batches = batching.pack(tokens, token_budget, pad_id=pad_id, padding_side=side, start=consumed)
+    batches = batching.prefetch(batching.pack(tokens, token_budget, pad_id=pad_id, padding_side=side,
+                                              start=consumed))
 
     modules = {l: adapter.rewrite_module(l) for l in todo}
     stop = modules[max(todo)]
@@ -253,6 +254,8 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
     mask_ref: list = [None]
     bar = _Progress(progress and rank == 0, total, consumed, f"stats {request['model'] or 'model'}")
     done_batches = 0
+    was_training = model.training
+    model.eval()  # dropout off: the statistics are those of the deployed model
     try:
         with torch.inference_mode(), _accumulate_inputs(modules, accs, mask_ref):
             for batch in batches:
@@ -272,6 +275,8 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
                     on_batch(done_batches, consumed)
     finally:
         bar.close()
+        batches.close()
+        model.train(was_training)
 
     accs = distributed.all_reduce(accs)
     if directory is not None:
