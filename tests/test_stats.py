@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from fastedit.errors import CacheMismatchError, InputError
 from fastedit.models import capture, get_adapter, tiny_model
 from fastedit.stats import collect_stats, layer_covariance, load_stats, open_corpus, read_reference_npz
 from fastedit.stats import select_documents
-from fastedit.stats.batching import pack
+from fastedit.stats.batching import pack, prefetch
 from fastedit.testing import assert_close, rel_error
 
 ARCHS = ["gpt2", "gptj", "llama"]
@@ -145,6 +146,31 @@ def test_pack_keeps_order_and_budget(gen):
     assert rows == [x for x in lists if x] and prev_end == len(lists)
     with pytest.raises(InputError, match="token_budget"):
         list(pack([list(range(30))], 24))
+
+
+def test_prefetch_keeps_order_raises_and_stops():
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise InputError("bad document 1")
+
+    with pytest.raises(InputError, match="bad document"):
+        list(prefetch(failing()))
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = prefetch(endless(), depth=2)
+    assert next(it) == 0
+    it.close()  # the producer thread is stopped and joined, not left running
+    assert len(produced) <= 5  # at most depth + 1 ahead of the consumer
+    assert not any(t.name == "fastedit-stats-prefetch" for t in threading.enumerate())
 
 
 def test_selection_is_seeded_distinct_and_recorded(tmp_path, gen):

@@ -56,6 +56,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    started_group = _init_distributed()
+    try:
+        return _collect(args)
+    finally:
+        if started_group:
+            torch.distributed.destroy_process_group()
+
+
+def _init_distributed() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True if this call made it."""
+    dist = torch.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _collect(args) -> int:
     import transformers
 
     from fastedit.stats.cache import default_cache_dir, layer_path, stats_dir
