@@ -5,8 +5,8 @@ fp32 (whatever the input dtype), the second writes the scaled row.
 
 * ``norm_anchor_rows``: keep_i = ‖v_i‖ ≤ threshold (threshold = max_ratio·μ);
   out_i = v_i · μ/‖v_i‖ where kept, v_i unchanged otherwise; also returns the norms.
-* ``clamp_rows``: out_i = δ_i · min(1, r_i/‖δ_i‖) (written as a branch, so ‖δ_i‖ = 0 gives δ_i
-  and never 0/0).
+* ``clamp_rows``: out_i = δ_i · min(1, r_i / max(‖δ_i‖, tiny)), tiny the smallest normal
+  float32, so ‖δ_i‖ = 0 gives δ_i and never 0/0.
 
 The plain-torch references live in :mod:`fastedit.linalg.norm_anchor`, which validates inputs.
 """
@@ -46,8 +46,10 @@ def _rescale_rows_kernel(
     # scale then match the torch reference bit for bit.
     norm = tl.sqrt_rn(tl.sum(sumsq, axis=0))
     if CLAMP:
+        # min(1, r/max(‖δ‖, tiny)): a zero row gets scale 1, never 0/0 (same formula as the
+        # torch reference, which needs it for finite gradients at δ = 0).
         radius = tl.load(radius_ptr + row)
-        scale = tl.where(norm > radius, radius / norm, 1.0)
+        scale = tl.minimum(radius / tl.maximum(norm, 1.1754943508222875e-38), 1.0)
     else:
         keep = norm <= threshold
         scale = tl.where(keep, mu / norm, 1.0)
