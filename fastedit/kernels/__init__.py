@@ -9,6 +9,7 @@ for sm_90 and sm_80 and fails for a module or ``@triton.jit`` function that is n
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Any, NamedTuple
@@ -52,6 +53,12 @@ def triton_usable(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and interpreter_enabled()
+
+
+def launch_device(device: torch.device):
+    """Context making ``device`` current for a launch: Triton launches on the current CUDA
+    device, which need not be the tensors' (cuda:1 tensors while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 #: Input dtypes the kernels of this package take; other dtypes (float64) use the torch path.

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastedit.kernels import AotSpec
+from fastedit.kernels import AotSpec, launch_device
 
 
 @triton.jit
@@ -81,10 +81,11 @@ def _launch(v: torch.Tensor, radius, keep, norms, mu: float, threshold: float,
     out = _output(v)
     if n:
         block = _block(d, v.device)
-        _rescale_rows_kernel[(n,)](
-            v, out, radius, keep, norms, d, v.stride(0), out.stride(0), mu, threshold,
-            CLAMP=clamp, BLOCK=block, num_warps=4 if block <= 1024 else 8,
-        )
+        with launch_device(v.device):
+            _rescale_rows_kernel[(n,)](
+                v, out, radius, keep, norms, d, v.stride(0), out.stride(0), mu, threshold,
+                CLAMP=clamp, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+            )
     return out.to(v.dtype)
 
 

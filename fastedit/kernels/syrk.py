@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastedit.kernels import AotSpec
+from fastedit.kernels import AotSpec, launch_device
 
 #: Tokens accumulated in fp32 before each flush into the float64 sum (see the module docstring).
 CHUNK_TOKENS = 8192
@@ -163,12 +163,14 @@ def syrk_lower_accumulate(x: torch.Tensor, s: torch.Tensor, mask: torch.Tensor |
         assert mask.shape == (n_tokens,) and mask.dtype == torch.bool
         mask_arg, has_mask = mask.contiguous().view(torch.uint8), True
     tiles = _tile_pairs(triton.cdiv(d_k, cfg["BLOCK_D"]), x.device)
-    _syrk_lower_kernel[(tiles.shape[0],)](
-        x, mask_arg, tiles, s, n_tokens, d_k, x.stride(0), s.stride(0),
-        HAS_MASK=has_mask, BLOCK_D=cfg["BLOCK_D"], BLOCK_T=cfg["BLOCK_T"], CHUNK=chunk_tokens,
-        PRECISION=_precision(x.dtype), INTERPRETED=x.device.type != "cuda",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with launch_device(x.device):
+        _syrk_lower_kernel[(tiles.shape[0],)](
+            x, mask_arg, tiles, s, n_tokens, d_k, x.stride(0), s.stride(0),
+            HAS_MASK=has_mask, BLOCK_D=cfg["BLOCK_D"], BLOCK_T=cfg["BLOCK_T"],
+            CHUNK=chunk_tokens, PRECISION=_precision(x.dtype),
+            INTERPRETED=x.device.type != "cuda",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
 
 
 _TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
