@@ -7,14 +7,16 @@ across chunks), so the error stays at the per-chunk bound however many tokens ar
 
 * ``"triton"`` (default on CUDA): the SYRK kernel of :mod:`fastedit.kernels.syrk`, lower
   triangle only on tensor cores; see its docstring for the error bound.
-* ``"torch"`` (default elsewhere, and for float64 keys): each chunk of at most
-  ``TORCH_CHUNK_TOKENS`` tokens is upcast to fp32 and multiplied with ``torch.mm`` (exact
-  products for bf16/fp16 keys, fp32 sums), then added into the float64 sum; float64 keys are
-  multiplied in float64. Measured on the 2-core CPU of the CI machine (d_k = 1024, 8192 bf16
-  tokens of mean 3): this path 0.19 s at relative error 4.9e-8, float64 ``addmm`` 0.45 s at
-  ~1e-16, a single fp32 running sum 0.29 s at 6.6e-8 and growing with the token count. Both
-  chunked paths meet the N-independent bound; the fp32 one is 2.4x faster, so it is the
-  default for sub-float64 keys.
+* ``"torch"`` (default elsewhere, and for float64 keys): :func:`accumulate_lower_torch`, each
+  chunk of at most ``TORCH_CHUNK_TOKENS`` tokens upcast to fp32 (exact products for bf16/fp16
+  keys, fp32 sums) and its lower column blocks added into the float64 sum; float64 keys are
+  multiplied in float64. Chosen by measurement (one CPU thread, d_k = 1024, 8192 bf16 tokens
+  of mean 3, relative error against float64): this path 0.53 s at 3.7e-8; the same with full
+  products 0.58 s; torch.baddbmm over the chunks 0.63 s; float64 matmul 1.04 s at 0; the
+  references' fp32 running sum 0.53 s at 6.6e-8, an error that grows with the token count
+  (tests/test_covariance.py). Every chunked path meets an error bound independent of the token
+  count, float64 by the widest margin but at twice the time, so the fp32 blocked path is the
+  default for bf16/fp16/fp32 keys.
 
 The sum is kept as a (d_k, d_k) float64 tensor of which the lower triangle (diagonal included)
 is authoritative; ``.sum`` symmetrises it on read.
