@@ -1,6 +1,7 @@
 """Every Triton kernel of the package compiles ahead of time for sm_90 and sm_80 (no GPU
-needed), and the SYRK kernel's PTX uses tensor cores (wgmma on sm_90, mma on sm_80) for
-bf16/fp16 keys.
+needed), with the alignment a real launch has (the form of triton/tools/compile.py), and the
+SYRK kernel's PTX pipelines its loads and uses tensor cores (wgmma on sm_90, mma on sm_80)
+for bf16/fp16 keys.
 
 The compiles run in a subprocess without TRITON_INTERPRET: under the interpreter (which
 tests/conftest.py turns on without a GPU) ``triton.jit`` returns interpreted functions that
@@ -31,7 +32,10 @@ module = importlib.import_module(sys.argv[1])
 kernels = sorted(name for name, obj in vars(module).items() if isinstance(obj, JITFunction))
 results = []
 for spec in module.aot_specialisations():
-    src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+    attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name in spec.aligned}
+    src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs,
+                    attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", spec.capability, 32),
                               options={"num_warps": spec.num_warps,
                                        "num_stages": spec.num_stages})

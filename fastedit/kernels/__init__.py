@@ -23,9 +23,12 @@ KERNEL_MODULES = ("fastedit.kernels.syrk", "fastedit.kernels.norm_anchor")
 
 
 class AotSpec(NamedTuple):
-    """One ahead-of-time compile job: ``triton.compile(ASTSource(kernel, signature, constexprs),
-    target=GPUTarget("cuda", capability, 32), options={"num_warps", "num_stages"})``.
+    """One ahead-of-time compile job: ``triton.compile(ASTSource(kernel, signature, constexprs,
+    attrs), target=GPUTarget("cuda", capability, 32), options={"num_warps", "num_stages"})``.
 
+    ``aligned`` names the arguments a real launch sees 16-byte aligned (pointers) or divisible
+    by 16 (sizes, strides): the JIT specialises on that, and without it the compiler neither
+    vectorises nor pipelines loads, so the AOT build would not be the code that runs.
     ``ptx_must_contain`` names instructions the PTX must use (e.g. ``"wgmma"``): the test fails
     if the compiler silently took a slower path.
     """
@@ -37,6 +40,7 @@ class AotSpec(NamedTuple):
     capability: int
     num_warps: int
     num_stages: int
+    aligned: tuple = ()
     ptx_must_contain: tuple = ()
 
 

@@ -124,5 +124,7 @@ def aot_specialisations() -> list[AotSpec]:
                     kernel=_rescale_rows_kernel, signature=signature,
                     constexprs={"CLAMP": clamp, "BLOCK": 4096}, capability=capability,
                     num_warps=8, num_stages=1,
+                    aligned=("v_ptr", "out_ptr", "radius_ptr", "keep_ptr", "norm_ptr", "d",
+                             "stride_v", "stride_out"),
                 ))
     return specs
