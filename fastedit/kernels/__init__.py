@@ -10,6 +10,7 @@ for sm_90 and sm_80 and fails for a module or ``@triton.jit`` function that is n
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from typing import Any, NamedTuple
@@ -49,10 +50,16 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    # find_spec searches sys.path (~0.2 ms) and the answer cannot change within a process.
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_usable(device: torch.device) -> bool:
     """Whether a Triton kernel can run on tensors of ``device``: triton is installed and the
     device is CUDA, or the Triton interpreter is on (then CPU tensors work too)."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False
     if device.type == "cuda":
         return True
