@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastedit.kernels import AotSpec, launch_device
+from fastedit.kernels import KERNEL_DTYPES, AotSpec, launch_device
 
 #: Tokens accumulated in fp32 before each flush into the float64 sum (see the module docstring).
 CHUNK_TOKENS = 8192
@@ -53,8 +53,6 @@ CHUNK_TOKENS = 8192
 #: Consecutive programs walk a band of this many tile rows column by column, so the programs
 #: running at the same time share few distinct column blocks of x (L2 reuse).
 _BAND_ROWS = 8
-
-_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -81,7 +79,6 @@ def _syrk_lower_kernel(
     offs_j = tile_j * BLOCK_D + tl.arange(0, BLOCK_D)
     in_i = offs_i < d_k
     in_j = offs_j < d_k
-    # int64 offsets: tokens × stride passes 2³¹ for a few hundred thousand tokens of d_k = 14336.
     s_ptrs = s_ptr + offs_i.to(tl.int64)[:, None] * stride_s + offs_j[None, :]
     s_mask = in_i[:, None] & in_j[None, :]
     for chunk_start in range(0, n_tokens, CHUNK):
@@ -92,6 +89,7 @@ def _syrk_lower_kernel(
             real = offs_t < chunk_end
             if HAS_MASK:
                 real = real & (tl.load(mask_ptr + offs_t, mask=real, other=0) != 0)
+            # int64: tokens × stride passes 2³¹ at ~150k tokens of d_k = 14336.
             rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt
             a = tl.load(rows + offs_i[None, :], mask=real[:, None] & in_i[None, :], other=0.0)
             b = tl.load(rows + offs_j[None, :], mask=real[:, None] & in_j[None, :], other=0.0)
@@ -135,6 +133,8 @@ def _tile_pairs(n_tiles: int, device: torch.device) -> torch.Tensor:
 
 
 def _precision(dtype: torch.dtype) -> str:
+    # Only fp32 operands are affected: ieee keeps their products exact. For bf16/fp16 the
+    # setting is moot and tl.dot's default ("tf32") is passed.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -154,7 +154,7 @@ def syrk_lower_accumulate(x: torch.Tensor, s: torch.Tensor, mask: torch.Tensor |
     launcher only asserts what the kernel itself relies on.
     """
     n_tokens, d_k = x.shape
-    assert x.dtype in _INPUT_DTYPES and x.stride(1) == 1, (x.dtype, x.stride())
+    assert x.dtype in KERNEL_DTYPES and x.stride(1) == 1, (x.dtype, x.stride())
     assert s.dtype == torch.float64 and s.shape == (d_k, d_k) and s.is_contiguous()
     if n_tokens == 0:
         return
