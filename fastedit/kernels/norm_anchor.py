@@ -42,8 +42,9 @@ def _rescale_rows_kernel(
     for start in range(0, d, BLOCK):
         x = tl.load(v_row + start + offs, mask=start + offs < d, other=0.0).to(tl.float32)
         sumsq += x * x
-    # sqrt_rn, not the default approximate sqrt: the keep decision at the boundary and the
-    # scale then match the torch reference bit for bit.
+    # sqrt_rn, not the default approximate sqrt: the norm is the correctly rounded root of the
+    # fp32 sum of squares, as torch's is (only the summation order differs), so an exactly
+    # representable ‖v‖ = max_ratio·μ is kept by both.
     norm = tl.sqrt_rn(tl.sum(sumsq, axis=0))
     if CLAMP:
         # min(1, r/max(‖δ‖, tiny)): a zero row gets scale 1, never 0/0 (same formula as the
@@ -62,7 +63,8 @@ def _rescale_rows_kernel(
 
 
 def _block(d: int, device: torch.device) -> int:
-    # The interpreter runs each block as one numpy op, so a bigger block is faster there too.
+    # One block covers a row up to 4096 on the GPU; the interpreter's cap is lower so that the
+    # tests exercise the multi-block row loop at modest d.
     return min(triton.next_power_of_2(d), 4096 if device.type == "cuda" else 1024)
 
 
