@@ -129,6 +129,27 @@ def test_save_load_round_trip_is_bit_exact_and_resumes(tmp_path, gen):
     assert torch.equal(loaded.sum, acc.sum) and loaded.count == acc.count == 38
 
 
+def test_from_sum_rebuilds_an_accumulator_that_keeps_going(gen):
+    """What a data-parallel reduction does: sum per-rank sums and counts, then continue."""
+    d = 11
+    ranks = [CovarianceAccumulator(d) for _ in range(3)]
+    for acc in ranks:
+        acc.update(torch.randn(9, d, generator=gen))
+    total = CovarianceAccumulator.from_sum(sum(a.sum for a in ranks), sum(a.count for a in ranks))
+    more = torch.randn(5, d, generator=gen)
+    total.update(more)
+    expected = CovarianceAccumulator(d)
+    for acc in ranks:
+        expected.merge(acc)
+    expected.update(more)
+    assert total.count == expected.count == 32
+    assert_close(total.sum, expected.sum, 1e-14)
+    with pytest.raises(InputError, match="square float64"):
+        CovarianceAccumulator.from_sum(torch.zeros(3, 3), 1)
+    with pytest.raises(InputError, match="count"):
+        CovarianceAccumulator.from_sum(torch.zeros(3, 3, dtype=torch.float64), -1)
+
+
 def test_save_is_atomic(tmp_path, gen, monkeypatch):
     """A write that fails midway leaves the previous file intact and no partial file."""
     import safetensors.torch

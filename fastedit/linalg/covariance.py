@@ -265,16 +265,35 @@ class CovarianceAccumulator:
             raise InputError(f"{str(path)!r} is not a fastedit covariance file "
                              f"(no fastedit_format={_FORMAT!r} in its metadata)")
         total, count = tensors.get("sum"), tensors.get("count")
-        if (total is None or count is None or total.dtype != torch.float64 or total.ndim != 2
-                or total.shape[0] != total.shape[1] or count.shape != (1,)
-                or int(count[0]) < 0):
-            raise InputError(f"{str(path)!r} lacks a square float64 'sum' or a non-negative "
-                             f"'count'; recompute the statistics")
-        acc = cls(total.shape[0], device=device if device is not None else "cpu",
+        if total is None or count is None or count.shape != (1,):
+            raise InputError(f"{str(path)!r} lacks a 'sum' or a 'count'; recompute the "
+                             f"statistics")
+        try:
+            acc = cls.from_sum(total, int(count[0]), device=device, backend=backend)
+        except InputError as exc:
+            raise InputError(f"{str(path)!r}: {exc}; recompute the statistics") from exc
+        acc.metadata = meta
+        return acc
+
+    @classmethod
+    def from_sum(cls, total: torch.Tensor, count: int, *, device=None,
+                 backend: str | None = None) -> "CovarianceAccumulator":
+        """An accumulator holding ``total`` (d_k, d_k) float64 and ``count`` tokens, e.g. after
+        an all-reduce of per-rank sums; it can keep accumulating. ``total``'s lower triangle is
+        taken (the sum is symmetric by construction); device None keeps total's device."""
+        if (not isinstance(total, torch.Tensor) or total.dtype != torch.float64
+                or total.ndim != 2 or total.shape[0] != total.shape[1]):
+            raise InputError(f"the sum must be a square float64 tensor, got "
+                             f"{getattr(total, 'dtype', type(total).__name__)} of shape "
+                             f"{tuple(getattr(total, 'shape', ()))}")
+        if not isinstance(count, int) or count < 0:
+            raise InputError(f"count must be a non-negative int, got {count!r}")
+        if not bool(torch.isfinite(total).all()):
+            raise InputError("the sum holds NaN/Inf")
+        acc = cls(total.shape[0], device=device if device is not None else total.device,
                   backend=backend)
         acc._raw.copy_(total)
-        acc._count = int(count[0])
-        acc.metadata = meta
+        acc._count = count
         return acc
 
     def __repr__(self) -> str:
