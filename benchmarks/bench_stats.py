@@ -44,7 +44,8 @@ def setup():
     docs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
     batches = [(b.input_ids.to(device), b.attention_mask.to(device)) for b in pack(docs, cfg["token_budget"])]
     return dict(kind=kind, cfg=cfg, base=base, fast=fast, docs=docs, batches=batches, tokens=sum(lengths),
-                names=[get_adapter(base).rewrite_name(l) for l in cfg["layers"]], device=device)
+                names=[get_adapter(base).rewrite_name(l) for l in cfg["layers"]], d_k=get_adapter(base).d_k,
+                device=device)
 
 
 def _sync(device):
@@ -57,7 +58,7 @@ def test_covariance_pass(benchmark, setup, impl):
     cfg, device = setup["cfg"], setup["device"]
     if impl == "baseline_fp32_per_layer":
         def run():
-            out = covariance_per_layer_fp32(setup["base"], setup["names"], setup["batches"])
+            out = covariance_per_layer_fp32(setup["base"], setup["names"], setup["batches"], setup["d_k"])
             _sync(device)
             return [out[n] for n in setup["names"]]
     else:
@@ -73,7 +74,7 @@ def test_covariance_pass(benchmark, setup, impl):
     if benchmark.stats is not None and benchmark.stats.stats.mean:
         benchmark.extra_info["tokens_per_s"] = setup["tokens"] / benchmark.stats.stats.mean
     # Both sides compute the same statistics: same token count, sums equal to the dtype's accuracy.
-    reference = covariance_per_layer_fp32(setup["base"], setup["names"][-1:], setup["batches"])
+    reference = covariance_per_layer_fp32(setup["base"], setup["names"][-1:], setup["batches"], setup["d_k"])
     mom2, count = reference[setup["names"][-1]]
     total, n = result[-1]
     benchmark.extra_info["rel_error_vs_fp32_baseline"] = err = rel_error(total, mom2)

@@ -44,6 +44,22 @@ def test_torch_backend_sum_mean_count(dtype, gen):
     assert_close(acc.mean(), ref / count, tol, "mean")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_blocked_torch_path_touches_only_the_lower_blocks(dtype, gen):
+    """Uneven column blocks (29 = 7+7+8+7), several chunks, strict upper triangle NaN."""
+    from fastedit.linalg.covariance import accumulate_lower_torch, symmetrize_lower
+
+    n, d = 45, 29
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+    s = torch.tril(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    start = s.clone()
+    s += torch.triu(torch.full((d, d), float("nan"), dtype=torch.float64), 1)
+    accumulate_lower_torch(x, s, chunk_tokens=16, block=7)
+    ref, _ = _masked_reference(x, None)
+    tol = 1e-12 if dtype == torch.float64 else 2 * max(_fp32_error(x, None, ref), FP32_ULP)
+    assert_close(symmetrize_lower(s) - symmetrize_lower(start), ref, tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_backend_matches_float64(dtype, gen):
     """The kernel path of the accumulator (interpreter on CPU: tiny sizes)."""
@@ -111,6 +127,27 @@ def test_save_load_round_trip_is_bit_exact_and_resumes(tmp_path, gen):
     acc.update(second)
     loaded.update(second)
     assert torch.equal(loaded.sum, acc.sum) and loaded.count == acc.count == 38
+
+
+def test_from_sum_rebuilds_an_accumulator_that_keeps_going(gen):
+    """What a data-parallel reduction does: sum per-rank sums and counts, then continue."""
+    d = 11
+    ranks = [CovarianceAccumulator(d) for _ in range(3)]
+    for acc in ranks:
+        acc.update(torch.randn(9, d, generator=gen))
+    total = CovarianceAccumulator.from_sum(sum(a.sum for a in ranks), sum(a.count for a in ranks))
+    more = torch.randn(5, d, generator=gen)
+    total.update(more)
+    expected = CovarianceAccumulator(d)
+    for acc in ranks:
+        expected.merge(acc)
+    expected.update(more)
+    assert total.count == expected.count == 32
+    assert_close(total.sum, expected.sum, 1e-14)
+    with pytest.raises(InputError, match="square float64"):
+        CovarianceAccumulator.from_sum(torch.zeros(3, 3), 1)
+    with pytest.raises(InputError, match="count"):
+        CovarianceAccumulator.from_sum(torch.zeros(3, 3, dtype=torch.float64), -1)
 
 
 def test_save_is_atomic(tmp_path, gen, monkeypatch):

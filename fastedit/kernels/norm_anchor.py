@@ -5,8 +5,8 @@ fp32 (whatever the input dtype), the second writes the scaled row.
 
 * ``norm_anchor_rows``: keep_i = ‖v_i‖ ≤ threshold (threshold = max_ratio·μ);
   out_i = v_i · μ/‖v_i‖ where kept, v_i unchanged otherwise; also returns the norms.
-* ``clamp_rows``: out_i = δ_i · min(1, r_i/‖δ_i‖) (written as a branch, so ‖δ_i‖ = 0 gives δ_i
-  and never 0/0).
+* ``clamp_rows``: out_i = δ_i · min(1, r_i / max(‖δ_i‖, tiny)), tiny the smallest normal
+  float32, so ‖δ_i‖ = 0 gives δ_i and never 0/0.
 
 The plain-torch references live in :mod:`fastedit.linalg.norm_anchor`, which validates inputs.
 """
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastedit.kernels import AotSpec
+from fastedit.kernels import AotSpec, launch_device
 
 
 @triton.jit
@@ -42,12 +42,15 @@ def _rescale_rows_kernel(
     for start in range(0, d, BLOCK):
         x = tl.load(v_row + start + offs, mask=start + offs < d, other=0.0).to(tl.float32)
         sumsq += x * x
-    # sqrt_rn, not the default approximate sqrt: the keep decision at the boundary and the
-    # scale then match the torch reference bit for bit.
+    # sqrt_rn, not the default approximate sqrt: the norm is the correctly rounded root of the
+    # fp32 sum of squares, as torch's is (only the summation order differs), so an exactly
+    # representable ‖v‖ = max_ratio·μ is kept by both.
     norm = tl.sqrt_rn(tl.sum(sumsq, axis=0))
     if CLAMP:
+        # min(1, r/max(‖δ‖, tiny)): a zero row gets scale 1, never 0/0 (same formula as the
+        # torch reference, which needs it for finite gradients at δ = 0).
         radius = tl.load(radius_ptr + row)
-        scale = tl.where(norm > radius, radius / norm, 1.0)
+        scale = tl.minimum(radius / tl.maximum(norm, 1.1754943508222875e-38), 1.0)
     else:
         keep = norm <= threshold
         scale = tl.where(keep, mu / norm, 1.0)
@@ -60,7 +63,8 @@ def _rescale_rows_kernel(
 
 
 def _block(d: int, device: torch.device) -> int:
-    # The interpreter runs each block as one numpy op, so a bigger block is faster there too.
+    # One block covers a row up to 4096 on the GPU; the interpreter's cap is lower so that the
+    # tests exercise the multi-block row loop at modest d.
     return min(triton.next_power_of_2(d), 4096 if device.type == "cuda" else 1024)
 
 
@@ -79,10 +83,11 @@ def _launch(v: torch.Tensor, radius, keep, norms, mu: float, threshold: float,
     out = _output(v)
     if n:
         block = _block(d, v.device)
-        _rescale_rows_kernel[(n,)](
-            v, out, radius, keep, norms, d, v.stride(0), out.stride(0), mu, threshold,
-            CLAMP=clamp, BLOCK=block, num_warps=4 if block <= 1024 else 8,
-        )
+        with launch_device(v.device):
+            _rescale_rows_kernel[(n,)](
+                v, out, radius, keep, norms, d, v.stride(0), out.stride(0), mu, threshold,
+                CLAMP=clamp, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+            )
     return out.to(v.dtype)
 
 
@@ -121,5 +126,7 @@ def aot_specialisations() -> list[AotSpec]:
                     kernel=_rescale_rows_kernel, signature=signature,
                     constexprs={"CLAMP": clamp, "BLOCK": 4096}, capability=capability,
                     num_warps=8, num_stages=1,
+                    aligned=("v_ptr", "out_ptr", "radius_ptr", "keep_ptr", "norm_ptr", "d",
+                             "stride_v", "stride_out"),
                 ))
     return specs

@@ -3,19 +3,20 @@
 ``syrk_lower_accumulate(x, s, mask)`` adds ``xᵀ diag(mask) x`` into the float64 running sum
 ``s`` (d_k × d_k), computing and writing only the tiles on or below the diagonal: half the
 FLOPs of ``x.T @ x``. The caller symmetrises when it reads (see
-:func:`fastedit.linalg.covariance.symmetrize_lower_tiles`).
+:func:`fastedit.linalg.covariance.symmetrize_lower`).
 
 Precision (the two-level accumulation):
 
 * bf16 and fp16 inputs go through ``tl.dot`` on tensor cores. A product of two bf16 (8-bit
-  significand) or fp16 (11-bit) numbers has at most 22 significant bits, so every product
-  ``x_ti · x_tj`` is exact in fp32. fp32 inputs use ``input_precision="ieee"``: exact fp32
+  significands) or fp16 (11-bit) numbers has at most 16 or 22 significant bits, so every
+  product ``x_ti · x_tj`` is exact in fp32. fp32 inputs use ``input_precision="ieee"``: exact fp32
   products (FMA, no tensor cores, no tf32 rounding of the inputs).
 * Within a chunk of at most ``CHUNK_TOKENS`` (T = 8192) tokens a tile accumulates in fp32:
   ``T / BLOCK_T`` additions into the accumulator, each of a ``BLOCK_T``-term hardware dot.
   Worst case, the chunk's error in entry (i, j) is at most about
   ``(T / BLOCK_T + BLOCK_T) · 2⁻²⁴ · Σ_t |x_ti x_tj|`` (≈ 1.2e-5 relative to the absolute
-  sum for T = 8192, BLOCK_T = 64; the typical, random-sign error is its square root smaller).
+  sum for T = 8192, BLOCK_T = 64; typical rounding errors cancel, growing with the square
+  root of the number of additions instead).
   This assumes fp32 accumulation with round-to-nearest; it is far below the bf16 rounding
   of the keys themselves (2⁻⁹ ≈ 2e-3).
 * At the end of each chunk the tile is added into the float64 sum in global memory. Each of
@@ -24,10 +25,13 @@ Precision (the two-level accumulation):
   up to ``N · 2⁻²⁴`` after N tokens: for 10⁷ tokens of keys with a non-zero mean that is all
   the digits, which is how fp32 covariance passes end with negative Cholesky pivots.
 
-T trades error for speed: each flush reads and writes the tile's 16 bytes per entry, i.e.
-``d_k²·8`` bytes per chunk for the triangle, against ``T·d_k²`` FLOPs. At T = 8192 the flush
-costs about 1/30 of the chunk's tensor-core time on an H100, and a chunk of 8192 tokens is
-about one batch of a covariance pass (16 × 512 tokens), so a typical update flushes once.
+T trades error for speed: each flush reads and writes the float64 tile, 16 bytes per entry.
+For d_k = 14336 and T = 8192 that is 1.6 GB per chunk over the triangle against 1.7 TFLOP of
+tensor-core work: from ~5% of the chunk's time on an H100 when the programs' flushes are
+spread out (one SM pulls its 256 KB tile while the others compute) to ~25% if all flushed at
+once (3.35 TB/s against ~800 TFLOP/s). Not yet measured on a GPU. Every launch flushes at
+least once, so the covariance pass should hand each update thousands of tokens (8192 is one
+batch of 16 × 512).
 
 The token count ``n_tokens`` is not specialised (``do_not_specialize``): a new batch size does
 not recompile. Masked tokens are skipped on load (their rows read as zeros, so NaN or garbage
@@ -41,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastedit.kernels import AotSpec
+from fastedit.kernels import KERNEL_DTYPES, AotSpec, launch_device
 
 #: Tokens accumulated in fp32 before each flush into the float64 sum (see the module docstring).
 CHUNK_TOKENS = 8192
@@ -49,8 +53,6 @@ CHUNK_TOKENS = 8192
 #: Consecutive programs walk a band of this many tile rows column by column, so the programs
 #: running at the same time share few distinct column blocks of x (L2 reuse).
 _BAND_ROWS = 8
-
-_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -77,7 +79,6 @@ def _syrk_lower_kernel(
     offs_j = tile_j * BLOCK_D + tl.arange(0, BLOCK_D)
     in_i = offs_i < d_k
     in_j = offs_j < d_k
-    # int64 offsets: tokens × stride passes 2³¹ for a few hundred thousand tokens of d_k = 14336.
     s_ptrs = s_ptr + offs_i.to(tl.int64)[:, None] * stride_s + offs_j[None, :]
     s_mask = in_i[:, None] & in_j[None, :]
     for chunk_start in range(0, n_tokens, CHUNK):
@@ -88,6 +89,7 @@ def _syrk_lower_kernel(
             real = offs_t < chunk_end
             if HAS_MASK:
                 real = real & (tl.load(mask_ptr + offs_t, mask=real, other=0) != 0)
+            # int64: tokens × stride passes 2³¹ at ~150k tokens of d_k = 14336.
             rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt
             a = tl.load(rows + offs_i[None, :], mask=real[:, None] & in_i[None, :], other=0.0)
             b = tl.load(rows + offs_j[None, :], mask=real[:, None] & in_j[None, :], other=0.0)
@@ -131,6 +133,8 @@ def _tile_pairs(n_tiles: int, device: torch.device) -> torch.Tensor:
 
 
 def _precision(dtype: torch.dtype) -> str:
+    # Only fp32 operands are affected: ieee keeps their products exact. For bf16/fp16 the
+    # setting is moot and tl.dot's default ("tf32") is passed.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -150,7 +154,7 @@ def syrk_lower_accumulate(x: torch.Tensor, s: torch.Tensor, mask: torch.Tensor |
     launcher only asserts what the kernel itself relies on.
     """
     n_tokens, d_k = x.shape
-    assert x.dtype in _INPUT_DTYPES and x.stride(1) == 1, (x.dtype, x.stride())
+    assert x.dtype in KERNEL_DTYPES and x.stride(1) == 1, (x.dtype, x.stride())
     assert s.dtype == torch.float64 and s.shape == (d_k, d_k) and s.is_contiguous()
     if n_tokens == 0:
         return
@@ -163,25 +167,30 @@ def syrk_lower_accumulate(x: torch.Tensor, s: torch.Tensor, mask: torch.Tensor |
         assert mask.shape == (n_tokens,) and mask.dtype == torch.bool
         mask_arg, has_mask = mask.contiguous().view(torch.uint8), True
     tiles = _tile_pairs(triton.cdiv(d_k, cfg["BLOCK_D"]), x.device)
-    _syrk_lower_kernel[(tiles.shape[0],)](
-        x, mask_arg, tiles, s, n_tokens, d_k, x.stride(0), s.stride(0),
-        HAS_MASK=has_mask, BLOCK_D=cfg["BLOCK_D"], BLOCK_T=cfg["BLOCK_T"], CHUNK=chunk_tokens,
-        PRECISION=_precision(x.dtype), INTERPRETED=x.device.type != "cuda",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with launch_device(x.device):
+        _syrk_lower_kernel[(tiles.shape[0],)](
+            x, mask_arg, tiles, s, n_tokens, d_k, x.stride(0), s.stride(0),
+            HAS_MASK=has_mask, BLOCK_D=cfg["BLOCK_D"], BLOCK_T=cfg["BLOCK_T"],
+            CHUNK=chunk_tokens, PRECISION=_precision(x.dtype),
+            INTERPRETED=x.device.type != "cuda",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
 
 
 _TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def aot_specialisations() -> list[AotSpec]:
-    """The launches above, for sm_90 and sm_80, with and without a mask. Tensor-core
-    instructions are required in the PTX for bf16/fp16 (wgmma on sm_90, mma on sm_80)."""
+    """The launches above for sm_90 and sm_80, for keys of a d_k divisible by 16 (every
+    model's). The PTX must pipeline its loads (cp.async) and, for bf16/fp16, use tensor cores
+    (wgmma on sm_90, mma on sm_80)."""
     specs = []
     for capability, tensor_op in ((90, "wgmma"), (80, "mma.sync")):
         for dtype, name in _TL_NAMES.items():
             cfg = _gpu_config(dtype, capability)
-            for has_mask in (False, True):
+            # Without a mask the kernel is the masked one minus one load: both are built for
+            # bf16 (what models produce), the masked one only for fp16/fp32 (CI time).
+            for has_mask in (False, True) if dtype == torch.bfloat16 else (True,):
                 signature = {
                     "x_ptr": f"*{name}", "mask_ptr": "*u8" if has_mask else f"*{name}",
                     "tiles_ptr": "*i32", "s_ptr": "*fp64", "n_tokens": "i32", "d_k": "i32",
@@ -198,6 +207,9 @@ def aot_specialisations() -> list[AotSpec]:
                     kernel=_syrk_lower_kernel, signature=signature, constexprs=constexprs,
                     capability=capability, num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"],
-                    ptx_must_contain=() if dtype == torch.float32 else (tensor_op,),
+                    aligned=("x_ptr", "mask_ptr", "tiles_ptr", "s_ptr", "d_k", "stride_xt",
+                             "stride_s"),
+                    ptx_must_contain=("cp.async",) + (() if dtype == torch.float32
+                                                      else (tensor_op,)),
                 ))
     return specs

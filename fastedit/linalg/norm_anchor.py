@@ -99,12 +99,14 @@ def norm_anchor(v: torch.Tensor, mu, max_ratio: float = 2.0, *, backend: str | N
 
 
 def clamp_norm_reference(delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-    """Plain-torch δ_i · min(1, r_i/‖δ_i‖) for δ (n, d), r (n,); fp32 (float64 for float64).
-    Differentiable."""
+    """Plain-torch δ_i · min(1, r_i / max(‖δ_i‖, tiny)) for δ (n, d), r (n,), in fp32 (float64
+    for float64); differentiable, with finite gradients at δ_i = 0."""
     acc = delta.to(_accumulation_dtype(delta.dtype))
     norms = torch.linalg.vector_norm(acc, dim=-1)
-    radius = radius.to(norms.dtype)
-    scale = torch.where(norms > radius, radius / norms, torch.ones_like(norms))
+    # max(‖δ‖, tiny) keeps a zero row at scale 1 with a finite gradient (δ starts at zero in
+    # the v* optimisation); the kernel uses the same formula.
+    safe = norms.clamp_min(torch.finfo(norms.dtype).tiny)
+    scale = torch.clamp(radius.to(norms.dtype) / safe, max=1.0)
     return (acc * scale[:, None]).to(delta.dtype)
 
 

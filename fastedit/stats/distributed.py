@@ -27,15 +27,6 @@ def shard(indices: Sequence[int], rank: int, world_size: int) -> Sequence[int]:
     return indices[rank::world_size]
 
 
-def _from_totals(total: torch.Tensor, count: int) -> CovarianceAccumulator:
-    # CovarianceAccumulator has no public constructor from a (sum, count) pair yet; this sets
-    # the same two fields CovarianceAccumulator.load fills from a file.
-    acc = CovarianceAccumulator(total.shape[0], device=total.device)
-    acc._raw.copy_(total)
-    acc._count = int(count)
-    return acc
-
-
 def all_reduce(accs: dict) -> dict:
     """Sum each accumulator's float64 sum and its count over all ranks (identity on one rank).
 
@@ -43,17 +34,16 @@ def all_reduce(accs: dict) -> dict:
     of the accumulators (the process group's backend must support it: NCCL for CUDA tensors,
     gloo for CPU ones).
     """
-    rank, size = world()
-    if size == 1:
+    if world()[1] == 1:
         return accs
     dist = torch.distributed
     layers = list(accs)
-    device = next(iter(accs.values())).sum.device
+    device = accs[layers[0]].device or torch.device("cpu")
     counts = torch.tensor([accs[l].count for l in layers], dtype=torch.int64, device=device)
     dist.all_reduce(counts)
     out = {}
     for i, l in enumerate(layers):
         total = accs[l].sum.to(device)
         dist.all_reduce(total)
-        out[l] = _from_totals(total, int(counts[i]))
+        out[l] = CovarianceAccumulator.from_sum(total, int(counts[i]), backend=accs[l].backend)
     return out
