@@ -7,7 +7,7 @@ they compare as times do); the GEMM entries also give their full-matrix rate. On
 bf16 GEMM measures the device's attainable bf16 rate, and the SYRK entry reports its fraction
 of it (target: >= 70%).
 
-    pytest benchmarks/bench_syrk.py --benchmark-enable            # CPU: d_k=512, 4096 tokens
+    pytest benchmarks/bench_syrk.py --benchmark-enable            # CPU: d_k=1024, 4096 tokens
     (on a GPU: d_k=14336, 8192 bf16 tokens)
 """
 import pytest
@@ -17,7 +17,7 @@ from baselines import covariance_fp32_running_sum
 from fastedit.linalg import CovarianceAccumulator
 
 CUDA = torch.cuda.is_available()
-D_K, TOKENS, BATCH = (14336, 8192, 8192) if CUDA else (512, 4096, 512)
+D_K, TOKENS, BATCH = (14336, 8192, 8192) if CUDA else (1024, 4096, 1024)
 DEVICE = "cuda" if CUDA else "cpu"
 _PEAK = {}
 
