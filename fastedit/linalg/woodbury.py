@@ -199,19 +199,26 @@ class LowRankCholesky:
         self.overhead_flops += 4 * self.n * m * c + 2 * m * m * c
         return _correct(Z, self.U, self.Y, self._capacitance_solver())
 
+    def choose_method(self, b: int, d: int) -> str:
+        """"woodbury" or "direct" for ``update_terms`` with b keys and d output rows, whichever
+        costs fewer FLOPs. The final product Tᵀ Yᵀ (2·d·b·n) is common to both and left out."""
+        n = self.n
+        # A⁻¹K (+ low-rank correction), G = I + KᵀY, its Cholesky, G⁻¹Rᵀ
+        woodbury = self.apply_inverse_flops(b) + 2 * n * b * b + b**3 / 3 + 2 * b * b * d
+        # A + KKᵀ, its Cholesky, (A + KKᵀ)⁻¹K
+        direct = 2 * n * n * b + n**3 / 3 + 2 * n * n * b
+        return "woodbury" if woodbury <= direct else "direct"
+
     def update_terms(self, K: torch.Tensor, R: torch.Tensor, method: str = "auto"):
         """(T, Y) with R Kᵀ (A + K Kᵀ)⁻¹ = Tᵀ Yᵀ. K (..., n, b), R (..., d, b).
 
         "woodbury": Y = A⁻¹K, G = I + KᵀY, T = G⁻¹Rᵀ, from (A + KKᵀ)⁻¹K = A⁻¹K G⁻¹.
         "direct": Y = (A + KKᵀ)⁻¹K by a new factorisation, T = Rᵀ.
-        "auto" takes whichever costs fewer FLOPs. The final product Tᵀ Yᵀ (2·d·b·n) is the same
-        for both and left out of the comparison.
+        "auto" takes whichever costs fewer FLOPs (``choose_method``).
         """
-        n, b, d = self.n, K.shape[-1], R.shape[-2]
         if method == "auto":
-            woodbury = self.apply_inverse_flops(b) + 2 * n * b * b + b**3 / 3 + 2 * b * b * d
-            direct = 2 * n * n * b + n**3 / 3 + 2 * n * n * b
-            method = "woodbury" if woodbury <= direct else "direct"
+            method = self.choose_method(K.shape[-1], R.shape[-2])
+        b = K.shape[-1]
         if method == "woodbury":
             Y = self.apply_inverse(K)
             G = K.mT @ Y
