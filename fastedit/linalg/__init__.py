@@ -3,3 +3,9 @@
 Knows nothing of models. Every op has a plain PyTorch reference; faster backends are picked
 per device and dtype and can be forced with ``backend=``.
 """
+
+# Closed-form solvers (cholesky, woodbury, solver, null_space).
+from fastedit.linalg.cholesky import cholesky_ex, cholesky_factor, pivot_ratio
+from fastedit.linalg.null_space import NullSpace, alphaedit_dense_reference
+from fastedit.linalg.solver import UpdateSolver, memit_solve
+from fastedit.linalg.woodbury import woodbury_solve
