@@ -2,4 +2,101 @@
 
 Nothing here imports triton at package import; each kernel module imports it itself, so
 fastedit works where triton is absent (the torch references are used instead).
+
+Every kernel module lists the specialisations it launches in ``aot_specialisations()``
+(a list of :class:`AotSpec`); tests/test_aot_compile.py compiles each of them ahead of time
+for sm_90 and sm_80 and fails for a module or ``@triton.jit`` function that is not covered.
 """
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from typing import Any, NamedTuple
+
+import torch
+
+from fastedit.errors import InputError
+
+#: Kernel modules of this package (the AOT test also checks this list against the files).
+KERNEL_MODULES = ("fastedit.kernels.syrk", "fastedit.kernels.norm_anchor")
+
+
+class AotSpec(NamedTuple):
+    """One ahead-of-time compile job: ``triton.compile(ASTSource(kernel, signature, constexprs,
+    attrs), target=GPUTarget("cuda", capability, 32), options={"num_warps", "num_stages"})``.
+
+    ``aligned`` names the arguments a real launch sees 16-byte aligned (pointers) or divisible
+    by 16 (sizes, strides): the JIT specialises on that, and without it the compiler neither
+    vectorises nor pipelines loads, so the AOT build would not be the code that runs.
+    ``ptx_must_contain`` names instructions the PTX must use (e.g. ``"wgmma"``): the test fails
+    if the compiler silently took a slower path.
+    """
+
+    name: str
+    kernel: Any
+    signature: dict
+    constexprs: dict
+    capability: int
+    num_warps: int
+    num_stages: int
+    aligned: tuple = ()
+    ptx_must_contain: tuple = ()
+
+
+def interpreter_enabled() -> bool:
+    """True when TRITON_INTERPRET asks Triton to run kernels on the CPU (tests without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    # find_spec searches sys.path (~0.2 ms) and the answer cannot change within a process.
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether a Triton kernel can run on tensors of ``device``: triton is installed and the
+    device is CUDA, or the Triton interpreter is on (then CPU tensors work too)."""
+    if not _triton_installed():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_enabled()
+
+
+def launch_device(device: torch.device):
+    """Context making ``device`` current for a launch: Triton launches on the current CUDA
+    device, which need not be the tensors' (cuda:1 tensors while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+#: Input dtypes the kernels of this package take; other dtypes (float64) use the torch path.
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def resolve_backend(backend: str | None, x: torch.Tensor, op: str) -> str:
+    """Pick ``"triton"`` or ``"torch"`` for running ``op`` on tensor ``x``.
+
+    None picks triton for CUDA tensors of a kernel dtype (when triton is installed) and torch
+    otherwise; ``"triton"`` forces the kernel (on CPU it needs TRITON_INTERPRET=1) and raises
+    InputError where it cannot run; ``"torch"`` forces the plain-PyTorch reference.
+    """
+    if backend == "torch":
+        return "torch"
+    if backend == "triton":
+        if not triton_usable(x.device):
+            raise InputError(
+                f"{op}: backend='triton' needs tensors on a CUDA device with triton installed, "
+                f"or TRITON_INTERPRET=1 for the interpreter on CPU; got {x.device}. "
+                f"Use backend='torch' or backend=None.")
+        if x.dtype not in KERNEL_DTYPES:
+            raise InputError(f"{op}: backend='triton' takes bf16, fp16 or fp32 tensors, got "
+                             f"{x.dtype}; use backend='torch' or backend=None")
+        return "triton"
+    if backend is not None:
+        raise InputError(f"{op}: backend must be None, 'torch' or 'triton', got {backend!r}")
+    if x.device.type == "cuda" and x.dtype in KERNEL_DTYPES and triton_usable(x.device):
+        return "triton"
+    return "torch"
