@@ -53,6 +53,8 @@ def clamp_norm_per_fact(delta: torch.Tensor, radius: torch.Tensor) -> torch.Tens
         if norm > radius[i]:
             out[i] = delta[i] * (radius[i] / norm)
     return out
+
+
 # --- v* (compute_z) one edit at a time: fastedit.editing.targets -----------------------------
 
 
@@ -134,3 +136,44 @@ def vstar_one_at_a_time(model, tokenizer, adapter, requests, layer, *, templates
     return torch.stack(zs), torch.tensor(all_steps), torch.stack(losses)
 
 # --- end of v* baseline ----------------------------------------------------------------------
+
+
+# --- Covariance pass over a corpus (stats branch) ------------------------------------------
+# The references' layer_stats: for each layer separately, a float32 forward pass over every
+# batch, stopped once that layer's rewrite module has run, its input keys of the non-pad
+# tokens added into a float32 running sum (covariance_fp32_running_sum above).
+
+
+class _StopAfterLayer(Exception):
+    pass
+
+
+def covariance_per_layer_fp32(model, module_names, batches, d_k: int):
+    """{name: (Σ kᵀk float32 (d_k, d_k), token count)}, one forward pass per module.
+
+    ``batches``: a list of (input_ids, attention_mask) pairs on the model's device.
+    """
+    masks = [mask.bool().reshape(-1) for _, mask in batches]
+    out = {}
+    for name in module_names:
+        seen = {}
+
+        def hook(mod, args, output):
+            seen["x"] = args[0]
+            raise _StopAfterLayer
+
+        def keys():
+            for input_ids, attention_mask in batches:
+                try:
+                    model(input_ids=input_ids, attention_mask=attention_mask)
+                except _StopAfterLayer:
+                    pass
+                yield seen.pop("x").reshape(-1, d_k)
+
+        handle = model.get_submodule(name).register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                out[name] = covariance_fp32_running_sum(keys(), d_k, masks)
+        finally:
+            handle.remove()
+    return out

@@ -1,0 +1,357 @@
+"""The covariance pass: C0 = E[k kᵀ] at the input of the rewrite module of several layers.
+
+One forward pass over the corpus serves every requested layer: a pre-hook on each layer's
+rewrite module adds its input keys k (b, L, d_k) to that layer's
+:class:`~fastedit.linalg.CovarianceAccumulator` (padding masked out), and the forward stops
+right after the rewrite module of the last requested layer, so nothing above it runs. The
+references instead run one float32 pass per layer (ALGORITHMS.md, section 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from typing import Callable
+
+import torch
+
+from fastedit import __version__
+from fastedit.errors import InputError
+from fastedit.linalg import CovarianceAccumulator
+from fastedit.models import forward_until, get_adapter
+from fastedit.stats import batching, cache, distributed
+from fastedit.stats.corpus import StreamCorpus, open_corpus, select_documents, selection_digest
+
+#: Padded tokens per forward batch by default.
+DEFAULT_TOKEN_BUDGET = 16384
+#: Batches between checkpoints by default (only with a cache directory).
+DEFAULT_CHECKPOINT_EVERY = 1000
+
+
+def context_length(model) -> int | None:
+    """The model's maximum sequence length from its config, if it states one."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@contextlib.contextmanager
+def _accumulate_inputs(modules: dict, accs: dict, mask_ref: list) -> None:
+    """Pre-hooks adding each module's first input to its accumulator with the current mask.
+
+    Updating inside the forward (rather than capturing and updating after it) frees each
+    layer's keys as soon as they are counted, so memory holds one layer's keys at a time.
+    """
+    handles = []
+
+    def make(layer):
+        def hook(module, args):
+            accs[layer].update(args[0], mask_ref[0])
+        return hook
+
+    try:
+        for layer, module in modules.items():
+            handles.append(module.register_forward_pre_hook(make(layer)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _model_name(model, model_name):
+    if model_name:
+        return str(model_name)
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return str(name)
+
+
+class _Progress:
+    """tqdm over documents, with tokens/s in the postfix; silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int | None, initial: int, desc: str):
+        self.bar = None
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="doc", dynamic_ncols=True)
+
+    def step(self, docs: int, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+            self.bar.update(docs)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_name: str | None = None,
+                  revision: str | None = None, max_length: int | None = None,
+                  token_budget: int = DEFAULT_TOKEN_BUDGET, num_samples: int | None = None, seed: int = 0,
+                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, overwrite: bool = False,
+                  progress: bool = True, rewrite: str | None = None, text_field: str = "text", split: str = "train",
+                  padding_side: str | None = None, backend: str | None = None,
+                  on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Collect Σ k kᵀ and the token count at the rewrite-module input of each layer in ``layers``.
+
+    For each layer l, the result's ``sum`` is S_l = Σ_t k_t k_tᵀ over every real (non-pad)
+    token t of the selected documents, each truncated to ``max_length`` tokens (BOS included
+    when the tokenizer adds one), ``count`` is the number of those tokens and ``mean()`` is
+    C0_l = S_l / count, (d_k, d_k) float64. Keys are taken in the model's own dtype and
+    device; the accumulator sums in float64.
+
+    Args:
+        model: a Hugging Face causal LM (GPT-2, GPT-J, Llama/Mistral/Qwen2 detected;
+            otherwise pass ``rewrite``, the rewrite-module name template, e.g.
+            ``"model.layers.{}.mlp.down_proj"``).
+        tokenizer: its tokenizer (``padding_side`` is taken from it), or None when the corpus
+            holds token ids.
+        layers: layer indices (an int or an iterable of ints).
+        corpus: a local .txt/.jsonl file, a dataset name (``"wikipedia"``, ``"wikitext"``,
+            ``"name:config"``; needs ``datasets``), a :class:`~fastedit.stats.corpus.Corpus`
+            or any sequence/iterable of strings or token-id lists (see
+            :func:`~fastedit.stats.corpus.open_corpus`).
+        cache_dir: where finished statistics and checkpoints live (see
+            :mod:`fastedit.stats.cache`); None computes without caching. With a cache, layers
+            already collected for the same request are loaded, the others computed in one
+            pass, and an interrupted pass resumes from its last checkpoint.
+        model_name, revision: recorded in (and checked against) the cache; ``model_name``
+            defaults to ``config._name_or_path`` and is required with a cache.
+        max_length: truncation length; default the model's context length.
+        token_budget: most padded tokens per forward batch (rows × longest row).
+        num_samples, seed: read ``num_samples`` documents drawn with ``seed``
+            (:func:`~fastedit.stats.corpus.select_documents`); None reads all.
+        checkpoint_every: batches between checkpoints (with a cache). A resumed run is
+            bit-identical to an uninterrupted one with the same ``checkpoint_every`` and
+            ``token_budget``.
+        overwrite: ignore (and replace) existing statistics and checkpoints.
+        text_field, split: the text field of .jsonl/dataset records, and the dataset split.
+        padding_side: "left" or "right" (default the tokenizer's); the result is the same.
+        progress: show a tqdm bar (documents, ETA and tokens/s) on rank 0.
+        backend: passed to CovarianceAccumulator (None picks the fastest).
+        on_batch: called as ``on_batch(batches_done, documents_done)`` after each batch.
+
+    Returns:
+        dict layer -> CovarianceAccumulator (on the model's device). Under torch.distributed
+        each rank reads its shard and every rank returns the all-reduced totals.
+
+    Raises:
+        InputError: bad layers, corpus, lengths or budget.
+        CacheMismatchError: a cache or checkpoint exists for a different request (the field
+            is named); use another ``cache_dir`` or ``overwrite=True``.
+    """
+    adapter = get_adapter(model, rewrite=rewrite) if rewrite else get_adapter(model)
+    layers = _check_layers(adapter, layers)
+    ctx = context_length(model)
+    if max_length is None:
+        if ctx is None:
+            raise InputError("the model's config states no context length; pass max_length (--max-length)")
+        max_length = ctx
+    if not isinstance(max_length, int) or max_length < 1:
+        raise InputError(f"max_length must be a positive int, got {max_length!r}")
+    if ctx is not None and max_length > ctx:
+        raise InputError(f"max_length={max_length} exceeds the model's context length {ctx}; lower it")
+    if not isinstance(token_budget, int) or token_budget < max_length:
+        raise InputError(f"token_budget={token_budget!r} must be an int no smaller than max_length={max_length}; "
+                         "raise --token-budget or lower --max-length")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise InputError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+
+    source = open_corpus(corpus, text_field=text_field, split=split)
+    streamed = isinstance(source, StreamCorpus)
+    if streamed:
+        selection = None
+        corpus_size = "unknown"
+    else:
+        corpus_size = len(source)
+        selection = select_documents(corpus_size, num_samples, seed)
+        if not selection:
+            raise InputError(f"the corpus {source.name!r} has no documents")
+    device = adapter.device
+    dtype = adapter.dtype
+    rank, world_size = distributed.world()
+
+    request = {
+        "format": cache.FORMAT,
+        "model": _model_name(model, model_name),
+        "revision": revision or getattr(getattr(model, "config", None), "_commit_hash", None) or "",
+        "dataset": source.name,
+        "corpus_size": corpus_size,
+        "num_samples": "all" if num_samples is None else num_samples,
+        "seed": seed,
+        "max_length": max_length,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    layer_meta = {l: {**request, "layer": l, "module": adapter.rewrite_name(l)} for l in layers}
+
+    result: dict = {}
+    todo = list(layers)
+    checkpoint = None
+    directory = None
+    if cache_dir is not None:
+        if not request["model"]:
+            raise InputError("the model has no name (config._name_or_path is empty); pass model_name= "
+                             "to key the statistics cache")
+        directory = cache.stats_dir(cache_dir, request["model"], source.name)
+        if not overwrite:
+            for l in layers:
+                path = cache.layer_path(directory, l)
+                if path.is_file():
+                    result[l] = cache.load_checked(path, layer_meta[l], device=device)
+            todo = [l for l in layers if l not in result]
+        if not todo:
+            return {l: result[l] for l in layers}
+        checkpoint = cache.Checkpoint(directory, rank, world_size)
+        if overwrite:
+            checkpoint.clear()
+
+    accs, consumed = None, 0
+    if checkpoint is not None:
+        resumed = checkpoint.load(todo, request, device=device, backend=backend)
+        if resumed is not None:
+            accs, consumed = resumed
+    if accs is None:
+        accs = {l: CovarianceAccumulator(adapter.d_k, device=device, backend=backend) for l in todo}
+
+    mine = None if streamed else distributed.shard(selection, rank, world_size)
+    if streamed:
+        if world_size > 1:
+            raise InputError("a corpus without a length cannot be sharded over ranks; pass a list, a file or "
+                             "a dataset")
+        docs = source.documents(consumed, num_samples)
+        total = num_samples
+    else:
+        docs = source.documents(mine[consumed:])
+        total = len(mine)
+
+    side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
+    pad_id = _pad_id(tokenizer)
+    tokens = batching.tokenize(docs, tokenizer, max_length)
+    batches = batching.prefetch(batching.pack(tokens, token_budget, pad_id=pad_id, padding_side=side,
+                                              start=consumed))
+
+    modules = {l: adapter.rewrite_module(l) for l in todo}
+    stop = modules[max(todo)]
+    extra = {}
+    if _accepts(model, "use_cache"):
+        extra["use_cache"] = False
+    pass_positions = _accepts(model, "position_ids")
+    mask_ref: list = [None]
+    bar = _Progress(progress and rank == 0, total, consumed, f"stats {request['model'] or 'model'}")
+    done_batches = 0
+    was_training = model.training
+    model.eval()  # dropout off: the statistics are those of the deployed model
+    try:
+        with torch.inference_mode(), _accumulate_inputs(modules, accs, mask_ref):
+            for batch in batches:
+                ids = batch.input_ids.to(device, non_blocking=True)
+                mask = batch.attention_mask.to(device, non_blocking=True)
+                mask_ref[0] = mask.bool()
+                kwargs = dict(input_ids=ids, attention_mask=mask, **extra)
+                if pass_positions:
+                    kwargs["position_ids"] = batch.position_ids.to(device, non_blocking=True)
+                forward_until(model, stop, **kwargs)
+                done_batches += 1
+                bar.step(batch.end - consumed, batch.num_tokens)
+                consumed = batch.end
+                if checkpoint is not None and done_batches % checkpoint_every == 0:
+                    checkpoint.save(accs, consumed, request, layer_meta)
+                if on_batch is not None:
+                    on_batch(done_batches, consumed)
+    finally:
+        bar.close()
+        batches.close()
+        model.train(was_training)
+
+    accs = distributed.all_reduce(accs)
+    if directory is not None:
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            extra_meta = {}
+            if selection is not None:
+                digest = selection_digest(selection)
+                extra_meta["documents_sha256"] = digest
+                # The selection's record: all documents, or the sampled indices.
+                cache.write_json_atomic(directory / f"documents-{digest[:16]}.json",
+                                        {"seed": seed, "num_samples": num_samples, "corpus_size": corpus_size,
+                                         "indices": "all" if isinstance(selection, range) else selection})
+            for l in todo:
+                accs[l].save(cache.layer_path(directory, l),
+                             {**layer_meta[l], **extra_meta, "complete": "true", "tokens": accs[l].count,
+                              "documents": consumed if streamed else len(selection),
+                              "fastedit_version": __version__})
+        if world_size > 1:
+            torch.distributed.barrier()
+        checkpoint.clear()
+    result.update(accs)
+    return {l: result[l] for l in layers}
+
+
+def _check_layers(adapter, layers) -> list[int]:
+    if isinstance(layers, int):
+        layers = [layers]
+    try:
+        layers = list(layers)
+    except TypeError:
+        raise InputError(f"layers must be an int or an iterable of ints, got {type(layers).__name__}") from None
+    if not layers:
+        raise InputError("layers is empty; name at least one layer")
+    for l in layers:
+        adapter.check_layer(l)
+    if len(set(layers)) != len(layers):
+        raise InputError(f"layers {layers} lists a layer twice")
+    return layers
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def layer_covariance(model, tokenizer, layer: int, corpus, **kwargs) -> torch.Tensor:
+    """C0 = E[k kᵀ] (d_k, d_k) float64 of one layer: ``collect_stats(...)[layer].mean()``."""
+    return collect_stats(model, tokenizer, [layer], corpus, **kwargs)[layer].mean()
+
+
+def load_stats(cache_dir, model_name: str, layers, dataset: str, *, device=None, **expect) -> dict:
+    """Finished statistics from a cache without a model: dict layer -> CovarianceAccumulator.
+
+    ``dataset`` is the corpus name recorded by :func:`collect_stats` (a file's name, e.g.
+    ``"wiki.jsonl"``, or ``"wikipedia/20220301.en/train"``). Any other metadata field given in
+    ``expect`` (``num_samples=``, ``seed=``, ``max_length=``, ``dtype=`` ...) must match, else
+    CacheMismatchError names it. C0 of layer l is ``load_stats(...)[l].mean()``. Statistics
+    files of the reference implementations are read by
+    :func:`fastedit.stats.cache.read_reference_npz`.
+    """
+    if isinstance(layers, int):
+        layers = [layers]
+    unknown = sorted(set(expect) - set(cache.MATCH_FIELDS))
+    if unknown:
+        raise InputError(f"unknown metadata field(s) {unknown}; known: {', '.join(cache.MATCH_FIELDS)}")
+    directory = cache.stats_dir(cache_dir, model_name, dataset)
+    out = {}
+    for l in layers:
+        path = cache.layer_path(directory, l)
+        if not path.is_file():
+            raise InputError(f"no statistics for layer {l} of {model_name!r} on {dataset!r} in {directory}; "
+                                     "collect them with `fastedit stats` or collect_stats(...)")
+        out[l] = cache.load_checked(path, {"model": model_name, "layer": l, **expect}, device=device)
+    return out

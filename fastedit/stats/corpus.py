@@ -1,0 +1,212 @@
+"""Corpora for the statistics pass, and the seeded choice of which documents to read.
+
+A corpus is a sized, indexable sequence of documents (``len`` and ``corpus[i]``) with a
+``name`` recorded in the cache metadata. A document is a string, or an already tokenized
+sequence of token ids. Sources:
+
+- a Hugging Face ``datasets`` dataset, by name (``"wikipedia"`` -> ``("wikipedia",
+  "20220301.en")`` and ``"wikitext"`` -> ``("wikitext", "wikitext-103-raw-v1")`` as the
+  references load them, or ``"name:config"``); ``datasets`` is imported only here;
+- a local file: ``.jsonl`` (one JSON object per line, its ``text`` field) or any other
+  extension read as text, one document per non-empty line. Only the line offsets are held
+  in memory, so a corpus of any size streams;
+- any Python sequence of documents (list, tuple, an already loaded dataset), or an iterable
+  without a length (read once, in order: no random selection is possible there).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import sys
+from array import array
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from fastedit.errors import InputError
+
+#: Dataset names the references use, with the configuration they load.
+KNOWN_DATASETS = {
+    "wikipedia": ("wikipedia", "20220301.en"),
+    "wikitext": ("wikitext", "wikitext-103-raw-v1"),
+}
+
+
+class Corpus:
+    """A sized, indexable corpus; ``corpus[i]`` is document ``i`` (a string or token ids)."""
+
+    name: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        raise NotImplementedError
+
+    def documents(self, indices: Iterable[int]) -> Iterator:
+        """Yield the documents at ``indices`` in that order, reading lazily."""
+        for i in indices:
+            yield self[i]
+
+
+class SequenceCorpus(Corpus):
+    """Documents held by any object with ``len`` and integer indexing (list, HF dataset)."""
+
+    def __init__(self, docs: Sequence, name: str, text_field: str = "text"):
+        self._docs = docs
+        self.name = name
+        self.text_field = text_field
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def __getitem__(self, index: int):
+        doc = self._docs[int(index)]
+        if isinstance(doc, dict):
+            if self.text_field not in doc:
+                raise InputError(f"document {index} of corpus {self.name!r} has no field {self.text_field!r} "
+                                 f"(fields: {', '.join(doc)}); pass text_field= to name the text field")
+            doc = doc[self.text_field]
+        return doc
+
+
+class FileCorpus(Corpus):
+    """A local text or JSONL file, one document per non-empty line, read on demand."""
+
+    def __init__(self, path: str | os.PathLike, *, text_field: str = "text", name: str | None = None):
+        self.path = pathlib.Path(path)
+        if not self.path.is_file():
+            raise InputError(f"corpus file {str(self.path)!r} does not exist")
+        self.jsonl = self.path.suffix.lower() in (".jsonl", ".ndjson")
+        self.text_field = text_field
+        self.name = name or self.path.name
+        offsets = array("q")
+        pos = 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    offsets.append(pos)
+                pos += len(line)
+        self._offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def _decode(self, line: bytes, index: int):
+        text = line.decode("utf-8").rstrip("\r\n")
+        if not self.jsonl:
+            return text
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{self.path}: document {index} is not valid JSON ({exc}); a .jsonl corpus "
+                             "holds one JSON object per line") from None
+        if not isinstance(record, dict) or self.text_field not in record:
+            raise InputError(f"{self.path}: document {index} has no field {self.text_field!r}; pass "
+                             "text_field= (--text-field) to name the field that holds the text")
+        return record[self.text_field]
+
+    def __getitem__(self, index: int):
+        with open(self.path, "rb") as f:
+            f.seek(self._offsets[int(index)])
+            return self._decode(f.readline(), index)
+
+    def documents(self, indices: Iterable[int]) -> Iterator:
+        with open(self.path, "rb") as f:
+            for i in indices:
+                f.seek(self._offsets[int(i)])
+                yield self._decode(f.readline(), i)
+
+
+_END = object()
+
+
+class StreamCorpus:
+    """An iterable without a length: read once, in order, with no random selection."""
+
+    def __init__(self, docs: Iterable, name: str):
+        self._docs = docs
+        self.name = name
+
+    def documents(self, skip: int = 0, take: int | None = None) -> Iterator:
+        """Documents ``skip`` to ``take`` (exclusive; None: to the end) of a fresh iteration."""
+        it = iter(self._docs)
+        for _ in range(skip):
+            if next(it, _END) is _END:
+                return
+        for n, doc in enumerate(it, start=skip):
+            if take is not None and n >= take:
+                return
+            yield doc
+
+
+def load_hf_dataset(name: str, config: str | None = None, *, split: str = "train", text_field: str = "text"
+                    ) -> SequenceCorpus:
+    """A Hugging Face dataset as a corpus (``datasets`` is an optional dependency)."""
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"reading the dataset {name!r} needs the optional package `datasets`: "
+                         "pip install datasets (or pip install fastedit[datasets]), or pass a local "
+                         ".txt/.jsonl file as the corpus") from None
+    if config is None and name in KNOWN_DATASETS:
+        name, config = KNOWN_DATASETS[name]
+    ds = datasets.load_dataset(name, config, split=split)
+    if text_field not in ds.column_names:
+        raise InputError(f"dataset {name!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
+                         "pass text_field= (--text-field)")
+    return SequenceCorpus(ds, f"{name}/{config}/{split}" if config else f"{name}/{split}", text_field)
+
+
+def open_corpus(source, *, name: str | None = None, text_field: str = "text", split: str = "train"):
+    """The corpus for ``source``: a :class:`Corpus`, a local file path, a dataset name
+    (``"wikipedia"``, ``"wikitext"``, ``"name:config"``), or a Python sequence/iterable of
+    documents. ``name`` overrides the name recorded in the cache metadata (default: the file
+    name, the dataset name, or ``"python"`` for Python objects, which you should name if you
+    cache them)."""
+    if isinstance(source, (Corpus, StreamCorpus)):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = pathlib.Path(source)
+        if path.is_file():
+            return FileCorpus(path, text_field=text_field, name=name)
+        if path.is_dir():
+            raise InputError(f"corpus {str(source)!r} is a directory; pass one .txt or .jsonl file")
+        if isinstance(source, os.PathLike) or path.suffix.lower() in (".txt", ".jsonl", ".json", ".ndjson"):
+            raise InputError(f"corpus file {str(source)!r} does not exist")
+        dataset, _, config = str(source).partition(":")
+        corpus = load_hf_dataset(dataset, config or None, split=split, text_field=text_field)
+        if name:
+            corpus.name = name
+        return corpus
+    if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
+        return SequenceCorpus(source, name or "python", text_field)
+    if hasattr(source, "__iter__"):
+        return StreamCorpus(source, name or "python")
+    raise InputError(f"corpus must be a file path, a dataset name or an iterable of documents, "
+                     f"got {type(source).__name__}")
+
+
+def select_documents(corpus_size: int, num_samples: int | None, seed: int) -> Sequence[int]:
+    """The indices of the documents a pass reads: ``range(corpus_size)`` when ``num_samples``
+    is None or not smaller than the corpus (no list held, whatever the corpus size), else
+    ``num_samples`` distinct indices drawn uniformly with ``torch.randperm(corpus_size,
+    generator=seeded(seed))``, as a list in increasing order so that files are read front to
+    back. The same (size, num_samples, seed) always gives the same indices."""
+    if num_samples is not None and num_samples <= 0:
+        raise InputError(f"num_samples must be positive, got {num_samples}")
+    if num_samples is None or num_samples >= corpus_size:
+        return range(corpus_size)
+    gen = torch.Generator().manual_seed(int(seed))
+    chosen = torch.randperm(corpus_size, generator=gen)[:num_samples]
+    return chosen.sort().values.tolist()
+
+
+def selection_digest(indices: Sequence[int]) -> str:
+    """SHA-256 of the selected document indices (as int64 in little-endian order)."""
+    data = array("q", indices)
+    if sys.byteorder != "little":
+        data.byteswap()
+    return hashlib.sha256(data.tobytes()).hexdigest()
