@@ -118,7 +118,8 @@ class Editor:
             ``"prune"`` (restrain the total update's large singular values after each ``edit`` call).
         hparams: an :class:`EditParams`, or a preset name (specialised to method × strategy).
         stats: {layer: C0 (d_k, d_k)} per-token mean covariances of the rewrite-module inputs, for
-            every edited layer; or a statistics directory / object of :mod:`fastedit.stats`.
+            every edited layer (tensors or CovarianceAccumulators, e.g. ``collect_stats(...)``), or
+            the directory holding the ``layer_<l>.safetensors`` files :mod:`fastedit.stats` writes.
         layers: overrides ``hparams.layers`` (and resets ``blue_layers`` to its ends).
         device: moves the model there first when given.
         progress: show a tqdm bar over the edits.
@@ -196,8 +197,10 @@ class Editor:
                 raise InputError(f"stats has no covariance for layer {layer} (it has layers {sorted(stats)}); "
                                  f"give one for every edited layer {list(self.edit_layers)}")
             C0 = stats[layer]
+            if hasattr(C0, "mean") and hasattr(C0, "count"):  # a CovarianceAccumulator
+                C0 = C0.mean()
         else:
-            C0 = _load_stats_covariance(stats, self.model, self.adapter, layer)
+            C0 = _load_stats_covariance(stats, layer)
         C0 = torch.as_tensor(C0).to(device=self.adapter.device, dtype=torch.float64)
         d_k = self.adapter.d_k
         if C0.shape != (d_k, d_k):
@@ -336,6 +339,8 @@ class Editor:
             which = _describe(batch, start)
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             index = start if len(batch) == 1 else None
+            if isinstance(exc, EditError) and exc.request_index is not None:
+                index = start + exc.request_index  # the stage numbered the request within this batch
             raise EditError(f"edit failed at stage {stage!r} on {which}; the weights were restored: {detail}",
                             request_index=index, stage=stage) from exc
         self.batches_done += 1
@@ -407,6 +412,25 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, disable=not enabled, unit="edit", desc=desc)
 
 
-def _load_stats_covariance(stats, model, adapter, layer: int) -> torch.Tensor:
-    """C0 of ``layer`` from a :mod:`fastedit.stats` directory or object."""
-    raise InputError(f"stats={stats!r}: pass a dict {{layer: C0}}; loading statistics directories needs fastedit.stats")
+def _load_stats_covariance(stats, layer: int) -> torch.Tensor:
+    """C0 of ``layer`` from a statistics directory written by :mod:`fastedit.stats`
+    (``<dir>/layer_<l>.safetensors``, a saved :class:`fastedit.linalg.CovarianceAccumulator`)."""
+    import pathlib
+
+    from fastedit.linalg import CovarianceAccumulator
+
+    directory = pathlib.Path(stats)
+    if not directory.is_dir():
+        raise InputError(f"stats={str(stats)!r} is not a directory; pass {{layer: C0}} or the directory "
+                         "holding layer_<l>.safetensors made by `fastedit stats`")
+    path = directory / f"layer_{layer}.safetensors"
+    if not path.is_file():
+        raise InputError(f"no statistics for layer {layer} in {directory} (expected {path.name}); collect them "
+                         f"with `fastedit stats --layers {layer} ...` and pass the directory holding the files")
+    acc = CovarianceAccumulator.load(path)
+    meta = dict(acc.metadata)
+    if meta.get("complete", "true") != "true":
+        raise InputError(f"{path} is an unfinished statistics checkpoint; finish the `fastedit stats` run first")
+    if "layer" in meta and meta["layer"] != str(layer):
+        raise InputError(f"{path} holds the statistics of layer {meta['layer']}, not layer {layer}")
+    return acc.mean()

@@ -184,7 +184,7 @@ class BatchRun:
 
     def current(self, layer: int) -> torch.Tensor:
         """The block output at ``layer`` and each kept request's lookup token, (n_kept, d) float64."""
-        cur = self._timed("keys", block_outputs_at_lookup, self.model, self.tok, self.adapter, self.kept_requests,
+        cur = self._timed("residual", block_outputs_at_lookup, self.model, self.tok, self.adapter, self.kept_requests,
                           layer)
         return cur.to(torch.float64)
 
