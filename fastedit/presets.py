@@ -44,5 +44,6 @@ register("llama3-8b", EditParams(layers=(4, 5, 6, 7, 8), lam=15000.0, v_num_grad
 # fastedit.models.tiny_model (4 layers, width 48, random init with initializer_range 0.1): a random
 # model's later layers route little information, so v* gets a wider clamp, more steps and almost no
 # weight decay; λ and L2 balance efficacy against preservation on such a model.
-register("tiny", EditParams(layers=(1, 2), lam=300.0, v_num_grad_steps=25, v_lr=0.5, clamp_norm_factor=2.0,
-                            v_weight_decay=0.01, L2=2.0, nas_sample_size=16, context_n=2, context_length=4))
+register("tiny", EditParams(layers=(1, 2), lam=200.0, v_num_grad_steps=25, v_lr=0.5, clamp_norm_factor=2.5,
+                            v_weight_decay=0.01, L2=1.0, nas_sample_size=16, context_n=2, context_length=4),
+         {("alphaedit", "blue"): {"L2": 1.5}})

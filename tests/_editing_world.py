@@ -39,6 +39,8 @@ HELD = ["the sun is", "Grace Hall works", "a small house", "north of the river",
         "the big stone bridge", "Heidi Green plays", "gold and iron", "the moon star", "west road of",
         "the new film", "music and art", "black white red", "a day in the", "the tower of",
         "Paris and Rome", "east of the lake", "German language is", "the old wood", "five big"]
+HELD += [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (4,), generator=torch.Generator().manual_seed(s)))
+         for s in range(200)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,10 +59,11 @@ def tokenizer():
 def model(arch: str, dtype=torch.float32, seed: int = 0):
     """A 4-layer random model; initializer_range 0.1 (not 0.02) so its next-token
     distributions are peaked enough for "keeps its top-1 prediction" to mean something."""
-    return tiny_model(arch, vocab_size=97, seed=seed, dtype=dtype, initializer_range=0.1)
+    extra = {"intermediate_size": 192} if arch == "llama" else {}  # d_k = 192 as GPT-2 / GPT-J's 4·48
+    return tiny_model(arch, vocab_size=97, seed=seed, dtype=dtype, initializer_range=0.1, **extra)
 
 
-def covariances(model, layers, *, n_seq: int = 96, seq_len: int = 16, seed: int = 1) -> dict:
+def covariances(model, layers, *, n_seq: int = 256, seq_len: int = 16, seed: int = 1) -> dict:
     """{layer: C0} = per-token mean of k kᵀ (float64) over random token sequences, via explicit hooks."""
     ad = get_adapter(model)
     g = torch.Generator().manual_seed(seed)
@@ -75,14 +78,24 @@ def covariances(model, layers, *, n_seq: int = 96, seq_len: int = 16, seed: int 
     return out
 
 
+def next_logits(model, tok, texts) -> torch.Tensor:
+    """(len(texts), vocab) next-token logits after each text."""
+    with torch.no_grad():
+        return torch.stack([model(input_ids=torch.tensor([tok(t)["input_ids"]])).logits[0, -1] for t in texts])
+
+
 def top1(model, tok, texts) -> list:
     """Greedy next token id after each text."""
-    out = []
-    with torch.no_grad():
-        for t in texts:
-            ids = torch.tensor([tok(t)["input_ids"]])
-            out.append(int(model(input_ids=ids).logits[0, -1].argmax()))
-    return out
+    return next_logits(model, tok, texts).argmax(-1).tolist()
+
+
+def firm(model, tok, texts, margin: float = 0.5) -> tuple[list, list]:
+    """(texts whose top-1 logit leads the runner-up by >= margin, their top-1 ids). A random
+    model's logits are flat: near-ties flip under any change, so preservation is measured on these."""
+    lg = next_logits(model, tok, texts)
+    top = lg.topk(2, dim=-1)
+    keep = (top.values[:, 0] - top.values[:, 1]) >= margin
+    return [t for t, k in zip(texts, keep) if k], top.indices[keep, 0].tolist()
 
 
 def target_id(tok, r: Request) -> int:
