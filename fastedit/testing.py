@@ -31,3 +31,17 @@ def random_spd(n: int, *, batch=(), cond: float = 1e3, dtype=torch.float64, gene
     eig = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)
     a = (q * eig) @ q.transpose(-1, -2)
     return ((a + a.transpose(-1, -2)) / 2).to(dtype)
+
+
+def random_covariance_with_null_space(n: int, *, null_fraction: float = 0.7, threshold: float = 2e-2,
+                                      dtype=torch.float64, generator=None):
+    """A random SPD (n, n) "covariance" with round(null_fraction·n) eigenvalues in
+    [threshold/1000, threshold/2] (AlphaEdit's null space at that threshold) and the rest in
+    [2·threshold, 1000·threshold], log-spaced, in random orthonormal directions."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    r = round(null_fraction * n)
+    small = torch.logspace(-3, torch.log10(torch.tensor(0.5)).item(), r, dtype=torch.float64)
+    large = torch.logspace(torch.log10(torch.tensor(2.0)).item(), 3, n - r, dtype=torch.float64)
+    eig = torch.cat([small, large]) * threshold
+    c = (q * eig) @ q.mT
+    return ((c + c.mT) / 2).to(dtype)

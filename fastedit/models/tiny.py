@@ -29,3 +29,49 @@ def tiny_model(arch: str, *, vocab_size: int = 97, seed: int = 0, dtype=torch.fl
     cfg = cfg_cls(**kwargs)
     torch.manual_seed(seed)
     return model_cls(cfg).to(dtype).eval()
+
+
+_TINY_CORPUS = (
+    "The Eiffel Tower is located in Paris. Danielle Darrieux speaks French. Michael Jordan plays "
+    "basketball. Toko Yasuda plays the guitar. Therefore the capital of France is Paris. Because "
+    "I know you, the mother tongue of Thomas is English. You can see that Rome is in Italy."
+)
+
+
+def _tiny_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    alphabet = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    alphabet += list(".,'")
+    tok = Tokenizer(models.BPE(unk_token="<unk>", continuing_subword_prefix="##"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.BpeTrainer(vocab_size=97, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet),
+                                  continuing_subword_prefix="##", show_progress=False)
+    tok.train_from_iterator([_TINY_CORPUS] * 3, trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(*, bos: bool = True, padding_side: str = "right"):
+    """A 97-token BPE tokenizer (sub-word splits, pad/bos/eos/unk) matching ``tiny_model``'s vocab.
+
+    Trained deterministically on a fixed sentence list; ``bos=True`` prepends ``<s>`` as Llama's
+    tokenizers do, ``bos=False`` adds nothing as GPT-2's do. Characters outside ASCII letters and
+    ``.,'`` map to ``<unk>``.
+    """
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    global _TINY_JSON
+    if _TINY_JSON is None:
+        _TINY_JSON = _tiny_tokenizer_json()
+    tok = Tokenizer.from_str(_TINY_JSON)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side=padding_side)
+
+
+_TINY_JSON: str | None = None

@@ -1,0 +1,436 @@
+"""The Editor: sequential batches of edits applied transactionally, with a report per batch.
+
+    editor = Editor(model, tok, method="alphaedit", strategy="blue", nas=True,
+                    hparams=fastedit.presets.get("llama3-8b", method="alphaedit", strategy="blue"),
+                    stats={layer: C0, ...})
+    report = editor.edit(requests, batch_size=100)
+    editor.restore()          # the original weights back
+
+Each batch snapshots the weights of the layers it may write. If anything fails inside the batch
+(including KeyboardInterrupt), those weights are copied back bit for bit, the solvers' sequential
+state (accumulated keys, C_p) is rolled back, and :class:`fastedit.errors.EditError` is raised
+naming the stage and the requests, with the original exception chained. Earlier batches of the
+same call stay applied; the error carries their report as ``exc.report``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fastedit.editing.context import context_templates
+from fastedit.editing.hparams import EditParams
+from fastedit.editing.keys import compute_keys
+from fastedit.editing.methods import (METHODS, REGULARIZERS, STRATEGIES, STRATEGY_FUNCS, BatchRun, edited_layers,
+                                      make_solver)
+from fastedit.editing.nas import AnchorCache, anchor_key, choose_sample, estimate_anchor, weight_fingerprint
+from fastedit.editing.regularizers import prune_restrain
+from fastedit.editing.requests import Request, validate_requests
+from fastedit.errors import EditError, FastEditError, InputError
+from fastedit.models import get_adapter
+
+
+@dataclass
+class BatchReport:
+    """What one batch did. ``layers`` maps an edited layer to ‖ΔW‖, weight norms and the number
+    of keys; ``vstar`` maps a target layer to per-edit v* steps, losses and ‖δ‖; ``dropped`` lists
+    the edits NAS left out; ``times`` is seconds per stage (targets, keys, solve, apply, state)."""
+
+    index: int
+    requests: list
+    case_ids: list
+    edited: list
+    dropped: list
+    vstar: dict
+    layers: dict
+    times: dict
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "requests": self.requests, "case_ids": _jsonable(self.case_ids),
+                "edited": self.edited, "dropped": _jsonable(self.dropped),
+                "vstar": {str(k): v for k, v in self.vstar.items()},
+                "layers": {str(k): v for k, v in self.layers.items()}, "times": self.times,
+                "seconds": self.seconds}
+
+
+@dataclass
+class EditReport:
+    """The report of one :meth:`Editor.edit` call: configuration, batches, totals."""
+
+    config: dict
+    batches: list = field(default_factory=list)
+    anchors: dict = field(default_factory=dict)
+    prune: dict = field(default_factory=dict)
+    weight_norms: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    prepare_seconds: float = 0.0
+
+    @property
+    def n_edited(self) -> int:
+        return sum(len(b.edited) for b in self.batches)
+
+    @property
+    def dropped(self) -> list:
+        return [d for b in self.batches for d in b.dropped]
+
+    def times(self) -> dict:
+        total: dict[str, float] = {}
+        for b in self.batches:
+            for k, v in b.times.items():
+                total[k] = total.get(k, 0.0) + v
+        return total
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "n_requests": sum(len(b.requests) for b in self.batches),
+                "n_edited": self.n_edited, "n_dropped": len(self.dropped),
+                "anchors": {str(k): v for k, v in self.anchors.items()}, "prune": {str(k): v for k, v in self.prune.items()},
+                "weight_norms": {str(k): v for k, v in self.weight_norms.items()},
+                "times": self.times(), "seconds": self.seconds, "prepare_seconds": self.prepare_seconds,
+                "edits_per_second": (self.n_edited / self.seconds) if self.seconds > 0 else None,
+                "batches": [b.to_dict() for b in self.batches]}
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+
+def _jsonable(x):
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return str(x)
+
+
+class Editor:
+    """Edits a Hugging Face causal LM in place with MEMIT / MEMIT_seq / AlphaEdit × distribute / BLUE.
+
+    Args:
+        model, tokenizer: the model to edit (in place) and its tokenizer.
+        method: ``"alphaedit"`` | ``"memit"`` | ``"memit_seq"`` (see :mod:`fastedit.editing.methods`).
+        strategy: ``"distribute"`` (MEMIT's layer loop) | ``"blue"`` (first and last critical layer).
+        nas: rescale value vectors to the norm anchor and drop outliers (:mod:`fastedit.editing.nas`).
+        regularizer: None | ``"rect"`` (keep the top ``rect_keep`` relative changes of each ΔW) |
+            ``"prune"`` (restrain the total update's large singular values after each ``edit`` call).
+        hparams: an :class:`EditParams`, or a preset name (specialised to method × strategy).
+        stats: {layer: C0 (d_k, d_k)} per-token mean covariances of the rewrite-module inputs, for
+            every edited layer (tensors or CovarianceAccumulators, e.g. ``collect_stats(...)``), or
+            the directory holding the ``layer_<l>.safetensors`` files :mod:`fastedit.stats` writes.
+        layers: overrides ``hparams.layers`` (and resets ``blue_layers`` to its ends).
+        device: moves the model there first when given.
+        progress: show a tqdm bar over the edits.
+        cache_dir: where NAS anchors are cached on disk (memory only when None).
+    """
+
+    def __init__(self, model, tokenizer, method: str = "alphaedit", strategy: str = "distribute", nas: bool = False,
+                 regularizer: str | None = None, hparams: EditParams | str | None = None, stats=None,
+                 layers=None, device=None, progress: bool = True, cache_dir=None):
+        if method not in METHODS:
+            raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        if strategy not in STRATEGIES:
+            raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        if regularizer not in REGULARIZERS:
+            raise InputError(f"regularizer must be one of None, 'rect', 'prune'; got {regularizer!r}")
+        if hparams is None:
+            raise InputError("pass hparams: an EditParams or a preset name such as 'llama3-8b' "
+                             "(see fastedit.presets.names())")
+        if isinstance(hparams, str):
+            from fastedit import presets
+
+            hparams = presets.get(hparams, method=method, strategy=strategy)
+        if not isinstance(hparams, EditParams):
+            raise InputError(f"hparams must be an EditParams or a preset name, got {type(hparams).__name__}")
+        if layers is not None:
+            hparams = hparams.replace(layers=tuple(layers), blue_layers=None)
+        if device is not None:
+            model.to(device)
+        self.model, self.tok = model, tokenizer
+        self.method, self.strategy, self.nas, self.regularizer = method, strategy, bool(nas), regularizer
+        self.hparams = hparams
+        self.progress = progress
+        self.adapter = get_adapter(model)
+        self.edit_layers = edited_layers(strategy, hparams)
+        for l in (*hparams.layers, *hparams.boundary_layers):
+            self.adapter.check_layer(l)
+        self._stats = stats
+        self._solvers: dict = {}
+        self._templates = None
+        self._anchor_cache = AnchorCache(cache_dir)
+        self._anchors: dict[int, float] = {}
+        self._anchor_info: dict[int, dict] = {}
+        self._originals = {l: self.adapter.weight_param(l).detach().clone() for l in self.edit_layers}
+        self._fingerprints = {l: weight_fingerprint(model, self.adapter, l) for l in self.edit_layers}
+        self._raw_delta: dict = {}
+        self.batches_done = 0
+
+    # ---------------------------------------------------------------- set-up
+    @property
+    def config(self) -> dict:
+        return {"method": self.method, "strategy": self.strategy, "nas": self.nas, "regularizer": self.regularizer,
+                "edit_layers": list(self.edit_layers), "hparams": self.hparams.to_dict(),
+                "model": type(self.model).__name__}
+
+    def _sync(self) -> None:
+        if self.adapter.device.type == "cuda":
+            torch.cuda.synchronize(self.adapter.device)
+
+    def _max_length(self):
+        cfg = getattr(self.model, "config", None)
+        for name in ("max_position_embeddings", "n_positions"):
+            v = getattr(cfg, name, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    def covariance(self, layer: int) -> torch.Tensor:
+        """C0 of ``layer`` (d_k, d_k), float64 on the model's device, from ``stats``."""
+        stats = self._stats
+        if stats is None:
+            raise InputError(f"{self.method} needs the covariance C0 of the rewrite-module inputs at layer {layer}: "
+                             "pass stats={layer: C0} or a statistics directory made by `fastedit stats`")
+        if isinstance(stats, dict):
+            if layer not in stats:
+                raise InputError(f"stats has no covariance for layer {layer} (it has layers {sorted(stats)}); "
+                                 f"give one for every edited layer {list(self.edit_layers)}")
+            C0 = stats[layer]
+            if hasattr(C0, "mean") and hasattr(C0, "count"):  # a CovarianceAccumulator
+                C0 = C0.mean()
+        else:
+            C0 = _load_stats_covariance(stats, layer)
+        C0 = torch.as_tensor(C0).to(device=self.adapter.device, dtype=torch.float64)
+        d_k = self.adapter.d_k
+        if C0.shape != (d_k, d_k):
+            raise InputError(f"stats for layer {layer} has shape {tuple(C0.shape)}, expected ({d_k}, {d_k})")
+        if not torch.isfinite(C0).all():
+            raise InputError(f"stats for layer {layer} contains NaN or Inf; recompute the statistics")
+        return C0
+
+    def _prepare(self, requests: list, nas_requests, report: EditReport) -> None:
+        """Templates, solvers and NAS anchors: everything computed on the unedited model, once."""
+        if self._templates is None:
+            self._templates = context_templates(self.model, self.tok, n=self.hparams.context_n,
+                                                length=self.hparams.context_length, seed=0)
+        for l in self.edit_layers:
+            if l not in self._solvers:
+                self._solvers[l] = make_solver(self.method, self.covariance(l), self.hparams, l, self.strategy)
+        if self.nas:
+            anchor_layers = (self.hparams.layers[-1],) if self.strategy == "distribute" else self.edit_layers
+            sample = choose_sample(list(nas_requests) if nas_requests is not None else requests,
+                                   self.hparams.nas_sample_size, self.hparams.nas_seed)
+            for l in anchor_layers:
+                if l in self._anchors:
+                    continue
+                fp = self._fingerprints.get(l) or weight_fingerprint(self.model, self.adapter, l)
+                key = anchor_key(fp, l, self.hparams, sample)
+                entry = self._anchor_cache.get(key)
+                if entry is None:
+                    if self.batches_done:
+                        raise InputError(f"NAS needs the anchor of layer {l}, which must be estimated on the "
+                                         "unedited model; call restore() first or use a new Editor")
+                    mu, info = estimate_anchor(self.model, self.tok, self.adapter, sample, l,
+                                               templates=self._templates, hparams=self.hparams)
+                    entry = {"mu": mu, "layer": l, "model": fp, **info}
+                    self._anchor_cache.put(key, entry)
+                self._anchors[l] = float(entry["mu"])
+                self._anchor_info[l] = entry
+        report.anchors = dict(self._anchor_info)
+
+    # ---------------------------------------------------------------- editing
+    def edit(self, requests, batch_size: int = 100, *, nas_requests=None) -> EditReport:
+        """Apply ``requests`` in sequential batches of ``batch_size``; returns an :class:`EditReport`.
+
+        ``nas_requests``: the sample whose v* norms set the NAS anchors (default: the first batch).
+        Raises :class:`EditError` (weights of the failing batch restored) naming stage and request.
+        """
+        t_start = time.perf_counter()
+        requests = self._coerce(requests)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise EditError(f"batch_size must be a positive integer, got {batch_size!r}", stage="validate")
+        self._validate(requests)
+        report = EditReport(config=self.config)
+        try:
+            self._prepare(requests, nas_requests if nas_requests is not None else requests[:batch_size], report)
+        except FastEditError as exc:
+            raise EditError(f"preparing the edit failed (nothing was changed): {exc}", stage="prepare") from exc
+        except BaseException as exc:
+            raise EditError(f"preparing the edit failed (nothing was changed): {type(exc).__name__}: {exc}",
+                            stage="prepare") from exc
+        report.prepare_seconds = time.perf_counter() - t_start
+        bar = _progress(len(requests), self.progress, f"{self.method}/{self.strategy}")
+        try:
+            for start in range(0, len(requests), batch_size):
+                try:
+                    report.batches.append(self._edit_batch(requests, start, min(start + batch_size, len(requests))))
+                except EditError as exc:
+                    exc.report = report
+                    raise
+                bar.update(len(report.batches[-1].requests))
+            if self.regularizer == "prune":
+                report.prune = self._prune()
+        finally:
+            bar.close()
+        report.weight_norms = self.weight_norms()
+        report.seconds = time.perf_counter() - t_start
+        return report
+
+    def _coerce(self, requests) -> list:
+        if isinstance(requests, (Request, dict)):
+            requests = [requests]
+        try:
+            return [r if isinstance(r, Request) else Request.from_dict(r, index=i) for i, r in enumerate(requests)]
+        except (InputError, TypeError) as exc:
+            raise EditError(f"invalid request: {exc}", stage="validate") from exc
+
+    def _validate(self, requests: list) -> None:
+        max_len = self._max_length()
+        try:
+            validate_requests(requests, self.tok, max_len)
+        except InputError as exc:
+            index = None
+            for i, r in enumerate(requests):
+                try:
+                    validate_requests([r], self.tok, max_len)
+                except InputError:
+                    index = i
+                    break
+            raise EditError(f"validation failed, nothing was changed: {exc}", request_index=index,
+                            stage="validate") from exc
+
+    def _edit_batch(self, requests: list, start: int, stop: int) -> BatchReport:
+        t0 = time.perf_counter()
+        batch = requests[start:stop]
+        params = {l: self.adapter.weight_param(l) for l in self.edit_layers}
+        snapshot = {l: p.detach().clone() for l, p in params.items()}
+        run = BatchRun(model=self.model, tok=self.tok, adapter=self.adapter, requests=batch,
+                       templates=self._templates, hparams=self.hparams, solvers=self._solvers,
+                       anchors=self._anchors if self.nas else None,
+                       regularizer="rect" if self.regularizer == "rect" else None, sync=self._sync)
+        accumulated = []
+        try:
+            STRATEGY_FUNCS[self.strategy](run)
+            written = [l for l in self.edit_layers if l in run.layers]
+            if written and self._solvers[written[0]].sequential:
+                if self._solvers[written[0]].recompute_keys:
+                    # AlphaEdit: C_p takes the keys of the edited model, after all layers of the batch.
+                    keys = run._timed("keys", compute_keys, self.model, self.tok, self.adapter,
+                                      run.kept_requests, written, templates=self._templates)
+                else:
+                    keys = run.solved_keys
+                run.stage = "state"
+                for l in written:
+                    self._solvers[l].accumulate(keys[l].to(torch.float64))
+                    accumulated.append((l, keys[l]))
+            if self.regularizer == "prune":
+                run.stage = "state"
+                acc = torch.promote_types(self.adapter.dtype, torch.float32)
+                raw = {l: self._raw_delta.get(l, 0) + (self._dk(params[l].detach()).to(acc) - self._dk(snapshot[l]).to(acc))
+                       for l in written}
+                self._raw_delta.update(raw)
+        except BaseException as exc:
+            stage = run.stage
+            for l, p in params.items():
+                p.data.copy_(snapshot[l])
+            for l, K in reversed(accumulated):
+                self._solvers[l].accumulate(K.to(torch.float64), sign=-1)
+            which = _describe(batch, start)
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            index = start if len(batch) == 1 else None
+            if isinstance(exc, EditError) and exc.request_index is not None:
+                index = start + exc.request_index  # the stage numbered the request within this batch
+            raise EditError(f"edit failed at stage {stage!r} on {which}; the weights were restored: {detail}",
+                            request_index=index, stage=stage) from exc
+        self.batches_done += 1
+        return BatchReport(index=self.batches_done - 1, requests=list(range(start, stop)),
+                           case_ids=[r.case_id for r in batch], edited=[start + i for i in run.kept],
+                           dropped=[{**d, "request": start + d["request"]} for d in run.dropped],
+                           vstar={l: {**v, "requests": [start + i for i in v["requests"]]} for l, v in run.vstar.items()},
+                           layers=run.layers, times=run.times, seconds=time.perf_counter() - t0)
+
+    def _prune(self) -> dict:
+        """W ← W0 + F(ΔW_total) on every edited layer (PRUNE), transactionally."""
+        params = {l: self.adapter.weight_param(l) for l in self._raw_delta}
+        snapshot = {l: p.detach().clone() for l, p in params.items()}
+        out = {}
+        try:
+            for l, p in params.items():
+                w0 = self._dk(self._originals[l])
+                restrained, info = prune_restrain(self._raw_delta[l], w0)
+                W = self.adapter.weight(l)
+                W.copy_((w0.to(torch.float64) + restrained).to(W.dtype))
+                out[l] = info
+        except BaseException as exc:
+            for l, p in params.items():
+                p.data.copy_(snapshot[l])
+            raise EditError(f"PRUNE failed; the weights were restored: {type(exc).__name__}: {exc}",
+                            stage="prune") from exc
+        return out
+
+    def _dk(self, stored: torch.Tensor) -> torch.Tensor:
+        """A stored rewrite weight (or a copy of one) as (d, d_k)."""
+        return stored.T if self.adapter.transposed else stored
+
+    # ---------------------------------------------------------------- state
+    def weight_norms(self) -> dict:
+        """{layer: {"original": ‖W0‖_F, "current": ‖W‖_F, "growth": ratio}} of the edited layers."""
+        out = {}
+        for l in self.edit_layers:
+            w0 = float(self._originals[l].to(torch.float64).norm())
+            w = float(self.adapter.weight(l).to(torch.float64).norm())
+            out[l] = {"original": w0, "current": w, "growth": w / w0 if w0 > 0 else None}
+        return out
+
+    @property
+    def anchors(self) -> dict:
+        """NAS anchors μ by layer (empty until the first NAS edit)."""
+        return dict(self._anchors)
+
+    def restore(self) -> None:
+        """Write the original weights back and forget the sequential state (accumulated keys)."""
+        for l, w in self._originals.items():
+            self.adapter.weight_param(l).data.copy_(w)
+        self._solvers.clear()
+        self._raw_delta.clear()
+        self.batches_done = 0
+
+
+def _describe(batch: list, start: int) -> str:
+    ids = [r.case_id for r in batch if r.case_id is not None]
+    where = f"request {start}" if len(batch) == 1 else f"requests {start}-{start + len(batch) - 1}"
+    if ids:
+        shown = ", ".join(str(c) for c in ids[:5]) + (", ..." if len(ids) > 5 else "")
+        where += f" (case_id {shown})"
+    return where
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="edit", desc=desc)
+
+
+def _load_stats_covariance(stats, layer: int) -> torch.Tensor:
+    """C0 of ``layer`` from a statistics directory written by :mod:`fastedit.stats`
+    (``<dir>/layer_<l>.safetensors``, a saved :class:`fastedit.linalg.CovarianceAccumulator`)."""
+    import pathlib
+
+    from fastedit.linalg import CovarianceAccumulator
+
+    directory = pathlib.Path(stats)
+    if not directory.is_dir():
+        raise InputError(f"stats={str(stats)!r} is not a directory; pass {{layer: C0}} or the directory "
+                         "holding layer_<l>.safetensors made by `fastedit stats`")
+    path = directory / f"layer_{layer}.safetensors"
+    if not path.is_file():
+        raise InputError(f"no statistics for layer {layer} in {directory} (expected {path.name}); collect them "
+                         f"with `fastedit stats --layers {layer} ...` and pass the directory holding the files")
+    acc = CovarianceAccumulator.load(path)
+    meta = dict(acc.metadata)
+    if meta.get("complete", "true") != "true":
+        raise InputError(f"{path} is an unfinished statistics checkpoint; finish the `fastedit stats` run first")
+    if "layer" in meta and meta["layer"] != str(layer):
+        raise InputError(f"{path} holds the statistics of layer {meta['layer']}, not layer {layer}")
+    return acc.mean()

@@ -1,0 +1,241 @@
+"""The method drivers: a solver × a strategy, run on one batch of requests.
+
+Solvers (ALGORITHMS.md sections 2 and 4), one object per edited layer:
+
+- ``memit``: ΔW = R Kᵀ(λC0 + KKᵀ)⁻¹ with λC0 factored once; C0 stays fixed across batches.
+- ``memit_seq``: the same with A_t = λC0 + μI + Σ_p K_pK_pᵀ, the keys of every earlier batch.
+- ``alphaedit``: ΔWᵀ = Q(Qᵀ(C_p + KKᵀ)Q + αI)⁻¹QᵀKRᵀ, Q the null space of C0, C_p the keys of
+  earlier batches, recomputed on the edited model once all layers of a batch are edited.
+
+Strategies (sections 3 and 6):
+
+- ``distribute`` (MEMIT's loop): z at the last critical layer; for each layer in order, K on the
+  current model, cur = last critical layer's output on the current model,
+  R = (z − cur) / (layers remaining), solve, apply.
+- ``blue``: z, K and the full residual z − cur at the first critical layer, apply; then the
+  same at the last critical layer on the updated model. Only those two layers change.
+
+Value post-processing ``nas`` and the weight-side ``rect`` hook in here; ``prune`` acts after a
+whole sequence and lives in the Editor. The MLP output adds straight into the residual stream,
+so ΔW K ≈ R, with R a residual-stream difference, is the write both references make.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from fastedit import linalg
+from fastedit.editing.keys import block_outputs_at_lookup, compute_keys
+from fastedit.editing.nas import apply_anchor
+from fastedit.editing.regularizers import rect
+from fastedit.editing.targets import compute_targets
+from fastedit.errors import InputError
+
+METHODS = ("memit", "memit_seq", "alphaedit")
+STRATEGIES = ("distribute", "blue")
+REGULARIZERS = (None, "rect", "prune")
+
+
+class LayerSolver:
+    """The closed-form solve of one layer and the state it keeps across batches."""
+
+    #: AlphaEdit accumulates keys recomputed on the edited model, the others the keys it solved with.
+    recompute_keys = False
+    sequential = False
+
+    def solve(self, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """ΔW (d, d_k) for keys K (d_k, n) and residuals R (d, n)."""
+        raise NotImplementedError
+
+    def accumulate(self, K: torch.Tensor, sign: int = 1) -> None:
+        """Add (sign=1) or remove (sign=-1) the keys of a finished batch to the sequential state."""
+
+
+class MemitSolver(LayerSolver):
+    """MEMIT (``sequential=False``: A = λC0 for every batch) or MEMIT_seq (A grows by KKᵀ)."""
+
+    def __init__(self, C0: torch.Tensor, lam: float, *, layer: int, sequential: bool = False, mu: float = 0.0):
+        self.sequential = sequential
+        self.impl = linalg.UpdateSolver(C0, lam, mu=mu if sequential else 0.0, dtype=torch.float64, layer=layer)
+
+    def solve(self, K, R):
+        return self.impl.solve(K, R)
+
+    def accumulate(self, K, sign=1):
+        if self.sequential:
+            self.impl.accumulate(K, sign=sign)
+
+
+class AlphaEditSolver(LayerSolver):
+    """AlphaEdit's reduced null-space solve with ridge α = L2, C_p accumulated across batches."""
+
+    recompute_keys = True
+    sequential = True
+
+    def __init__(self, C0: torch.Tensor, *, threshold: float, alpha: float, layer: int):
+        self.impl = linalg.NullSpace.from_covariance(C0, threshold=threshold)
+        self.alpha = float(alpha)
+        self.layer = layer
+        if self.impl.rank == 0:
+            raise InputError(f"layer {layer}: C0 has no eigenvalue below the null-space threshold {threshold:g}, "
+                             "so AlphaEdit cannot edit it; raise EditParams.nullspace_threshold or check C0")
+
+    def solve(self, K, R):
+        return self.impl.solve(K, R, self.alpha)
+
+    def accumulate(self, K, sign=1):
+        if sign == 1:
+            self.impl.accumulate(K)
+        else:
+            self.impl.accumulate(K, sign=sign)
+
+
+def make_solver(method: str, C0: torch.Tensor, hparams, layer: int, strategy: str = "distribute") -> LayerSolver:
+    """The :class:`LayerSolver` of ``method`` for one layer with covariance C0 (d_k, d_k)."""
+    if method == "memit":
+        return MemitSolver(C0, hparams.lam, layer=layer)
+    if method == "memit_seq":
+        return MemitSolver(C0, hparams.lam, layer=layer, sequential=True, mu=hparams.mu)
+    if method == "alphaedit":
+        return AlphaEditSolver(C0, threshold=hparams.nullspace_threshold, alpha=hparams.L2, layer=layer)
+    raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+def edited_layers(strategy: str, hparams) -> tuple:
+    """The layers a strategy writes to."""
+    if strategy == "distribute":
+        return tuple(hparams.layers)
+    if strategy == "blue":
+        return tuple(hparams.boundary_layers)
+    raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+
+
+class BatchRun:
+    """One batch through a strategy: holds what the strategy needs and records what it did.
+
+    ``stage`` always names the step in progress, so a failure can say where it happened.
+    ``kept`` are the positions (in ``requests``) still being edited: NAS may drop some.
+    """
+
+    def __init__(self, *, model, tok, adapter, requests, templates, hparams, solvers: dict,
+                 anchors: dict | None = None, regularizer: str | None = None,
+                 sync: Callable[[], None] = lambda: None):
+        self.model, self.tok, self.adapter = model, tok, adapter
+        self.requests = list(requests)
+        self.templates = templates
+        self.hparams = hparams
+        self.vparams = hparams.vstar_params()
+        self.solvers = solvers
+        self.anchors = anchors
+        self.regularizer = regularizer
+        self.sync = sync
+        self.kept = list(range(len(self.requests)))
+        self.stage = "targets"
+        self.times: dict[str, float] = {}
+        self.vstar: dict[int, dict] = {}
+        self.dropped: list[dict] = []
+        self.layers: dict[int, dict] = {}
+        self.solved_keys: dict[int, torch.Tensor] = {}
+
+    # -- bookkeeping
+    def _timed(self, stage: str, fn, *args, **kwargs):
+        self.stage = stage
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.sync()
+        self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - t0
+        return out
+
+    @property
+    def kept_requests(self) -> list:
+        return [self.requests[i] for i in self.kept]
+
+    # -- steps
+    def targets(self, layer: int) -> torch.Tensor:
+        """z (n_kept, d) in float64 at ``layer`` for the kept requests; NAS may drop some."""
+        t = self._timed("targets", compute_targets, self.model, self.tok, self.adapter, self.kept_requests, layer,
+                        templates=self.templates, hparams=self.vparams)
+        rec = {"steps": _tolist(t.steps), "loss": _tolist(t.loss), "nll": _tolist(t.nll),
+               "delta_norm": _tolist(t.delta.to(torch.float64).norm(dim=-1)), "requests": list(self.kept)}
+        self.vstar[layer] = rec
+        z = t.z.to(torch.float64)
+        if self.anchors is not None:
+            self.stage = "nas"
+            a = apply_anchor(t.h_init, t.v0, t.delta, self.anchors[layer], self.hparams.nas_max_ratio)
+            rec["v_norm"] = _tolist(a.v_norm)
+            keep = a.keep.cpu().tolist()
+            for pos, k in enumerate(keep):
+                if not k:
+                    i = self.kept[pos]
+                    self.dropped.append({"request": i, "case_id": self.requests[i].case_id, "layer": layer,
+                                         "v_norm": float(a.v_norm[pos]), "anchor": self.anchors[layer],
+                                         "ratio": float(a.v_norm[pos]) / self.anchors[layer]})
+            sel = torch.tensor([p for p, k in enumerate(keep) if k], dtype=torch.long, device=z.device)
+            self.kept = [self.kept[p] for p, k in enumerate(keep) if k]
+            z = a.z.index_select(0, sel)
+        return z
+
+    def keys(self, layer: int) -> torch.Tensor:
+        K = self._timed("keys", compute_keys, self.model, self.tok, self.adapter, self.kept_requests, [layer],
+                        templates=self.templates)[layer]
+        return K.to(torch.float64)
+
+    def current(self, layer: int) -> torch.Tensor:
+        """The block output at ``layer`` and each kept request's lookup token, (n_kept, d) float64."""
+        cur = self._timed("residual", block_outputs_at_lookup, self.model, self.tok, self.adapter, self.kept_requests,
+                          layer)
+        return cur.to(torch.float64)
+
+    def solve_and_apply(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> None:
+        """ΔW by this layer's solver (with RECT when asked), added to the layer's weight."""
+        dW = self._timed("solve", self.solvers[layer].solve, K, R)
+        W = self.adapter.weight(layer)
+        info = {"n": int(K.shape[1]), "residual_norm": float(R.norm())}
+        if self.regularizer == "rect":
+            dW = self._timed("solve", rect, dW, W, self.hparams.rect_keep)
+            info["rect_kept"] = int((dW != 0).sum())
+        self.stage = "apply"
+        t0 = time.perf_counter()
+        info["w_norm_before"] = float(W.to(torch.float64).norm())
+        W.add_(dW.to(device=W.device, dtype=W.dtype))
+        info["w_norm_after"] = float(W.to(torch.float64).norm())
+        info["delta_norm"] = float(dW.norm())
+        self.sync()
+        self.times["apply"] = self.times.get("apply", 0.0) + time.perf_counter() - t0
+        self.layers[layer] = info
+        self.solved_keys[layer] = K
+
+
+def run_distribute(run: BatchRun) -> None:
+    """MEMIT's residual distribution over ``run.hparams.layers`` (section 3)."""
+    layers = run.hparams.layers
+    z = run.targets(layers[-1])
+    for i, layer in enumerate(layers):
+        if not run.kept:
+            return
+        K = run.keys(layer)
+        cur = run.current(layers[-1])
+        R = (z - cur).T / (len(layers) - i)
+        run.solve_and_apply(layer, K, R)
+
+
+def run_blue(run: BatchRun) -> None:
+    """BLUE: full residuals at the first, then (on the updated model) the last critical layer."""
+    for layer in run.hparams.boundary_layers:
+        if not run.kept:
+            return
+        z = run.targets(layer)
+        if not run.kept:
+            return
+        K = run.keys(layer)
+        cur = run.current(layer)
+        run.solve_and_apply(layer, K, (z - cur).T)
+
+
+STRATEGY_FUNCS = {"distribute": run_distribute, "blue": run_blue}
+
+
+def _tolist(t) -> list:
+    return torch.as_tensor(t).detach().to("cpu").tolist()

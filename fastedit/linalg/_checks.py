@@ -1,0 +1,51 @@
+"""Argument checks shared by the linalg solvers: each failure is an InputError naming the argument."""
+from __future__ import annotations
+
+import torch
+
+from fastedit.errors import InputError
+
+
+def check_float(name: str, t, *, min_dim: int = 2) -> torch.Tensor:
+    """A floating-point tensor with at least ``min_dim`` dimensions, else InputError."""
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise InputError(f"{name} must be a floating-point tensor, got dtype {t.dtype}; convert it with .double()")
+    if t.dim() < min_dim:
+        raise InputError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_square(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] != t.shape[-2]:
+        raise InputError(f"{name} must be square in its last two dimensions, got shape {tuple(t.shape)}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """InputError if ``t`` holds NaN or Inf (one host sync)."""
+    if not bool(torch.isfinite(t).all()):
+        raise InputError(
+            f"{name} contains NaN or Inf; a solve would return garbage. Check how {name} was computed "
+            "(overflow in a half-precision forward pass is the usual cause)"
+        )
+
+
+def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, dtype: bool = True) -> None:
+    """InputError unless ``t`` matches ``ref`` in device (and dtype when asked)."""
+    if t.device != ref.device:
+        raise InputError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move both to one device")
+    if dtype and t.dtype != ref.dtype:
+        raise InputError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; convert one of them")
+
+
+def check_rows(name: str, t: torch.Tensor, rows: int, what: str) -> None:
+    if t.shape[-2] != rows:
+        raise InputError(f"{name} must have {rows} rows ({what}), got shape {tuple(t.shape)}")
+
+
+def check_batch(name: str, t: torch.Tensor, batch: torch.Size, ref_name: str) -> None:
+    if t.shape[:-2] != batch:
+        raise InputError(
+            f"{name} has leading (batch) dimensions {tuple(t.shape[:-2])} but {ref_name} has {tuple(batch)}"
+        )

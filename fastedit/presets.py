@@ -1,0 +1,49 @@
+"""Named hyperparameter presets (ALGORITHMS.md section 10), in a registry.
+
+``get("llama3-8b")`` gives the reference values for MEMIT/AlphaEdit; ``get(name,
+method="alphaedit", strategy="blue")`` applies that preset's per-method overrides (AlphaEdit_BLUE
+uses its own L2: 80 / 95 / 1 on GPT2-XL / GPT-J / Llama3). Adding a preset is one line::
+
+    fastedit.presets.register("my-model", EditParams(layers=(3, 4, 5), lam=10000.0))
+"""
+from __future__ import annotations
+
+from fastedit.editing.hparams import EditParams
+from fastedit.errors import InputError
+
+#: name -> (base parameters, {(method, strategy): overrides}); method or strategy None = any.
+PRESETS: dict[str, tuple[EditParams, dict]] = {}
+
+
+def register(name: str, params: EditParams, overrides: dict | None = None) -> None:
+    """Add (or replace) a preset. ``overrides`` maps (method, strategy) to field changes."""
+    PRESETS[name] = (params, dict(overrides or {}))
+
+
+def names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get(name: str, *, method: str | None = None, strategy: str | None = None) -> EditParams:
+    """The preset ``name``, specialised to ``method`` × ``strategy`` when given."""
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}; known presets: {', '.join(names())}")
+    params, overrides = PRESETS[name]
+    for (m, s), changes in overrides.items():
+        if (m is None or m == method) and (s is None or s == strategy):
+            params = params.replace(**changes)
+    return params
+
+
+register("gpt2-xl", EditParams(layers=(13, 14, 15, 16, 17), lam=20000.0, v_num_grad_steps=20, v_lr=0.5),
+         {("alphaedit", "blue"): {"L2": 80.0}})
+register("gpt-j-6b", EditParams(layers=(3, 4, 5, 6, 7, 8), lam=15000.0, v_num_grad_steps=25, v_lr=0.5),
+         {("alphaedit", "blue"): {"L2": 95.0}})
+register("llama3-8b", EditParams(layers=(4, 5, 6, 7, 8), lam=15000.0, v_num_grad_steps=25, v_lr=0.1),
+         {("alphaedit", "blue"): {"L2": 1.0}})
+# fastedit.models.tiny_model (4 layers, width 48, random init with initializer_range 0.1): a random
+# model's later layers route little information, so v* gets a wider clamp, more steps and almost no
+# weight decay; λ and L2 balance efficacy against preservation on such a model.
+register("tiny", EditParams(layers=(1, 2), lam=200.0, v_num_grad_steps=25, v_lr=0.5, clamp_norm_factor=2.5,
+                            v_weight_decay=0.01, L2=1.0, nas_sample_size=16, context_n=2, context_length=4),
+         {("alphaedit", "blue"): {"L2": 1.5}})

@@ -1,0 +1,193 @@
+"""The Editor end to end on tiny random models: edits land, unrelated prompts keep their
+predictions, only the right layers change, failures restore the weights bit for bit."""
+import json
+
+import pytest
+import torch
+
+import _editing_world as W
+from fastedit import presets
+from fastedit.editing import Editor, Request
+from fastedit.editing import methods as methods_mod
+from fastedit.errors import EditError, InputError
+
+# Share of the held-out prompts with a firm top-1 prediction (margin >= 0.25 logits over the
+# runner-up, see _editing_world.firm) that must keep it through the edit.
+HELD_KEPT = 0.75
+
+CASES = [(arch, method, strategy) for arch in ("gpt2", "gptj", "llama")
+         for method in ("memit", "memit_seq", "alphaedit") for strategy in ("distribute", "blue")]
+
+
+@pytest.mark.parametrize("arch,method,strategy", CASES)
+def test_edits_land_and_unrelated_predictions_survive(arch, method, strategy):
+    tok = W.tokenizer()
+    model = W.model(arch)
+    hp = presets.get("tiny", method=method, strategy=strategy)
+    stats = W.covariances(model, hp.layers)
+    held, held_before = W.firm(model, tok, W.HELD)
+    assert len(held) >= 10
+    editor = Editor(model, tok, method=method, strategy=strategy, hparams=hp, stats=stats, progress=False)
+    report = editor.edit(W.REQUESTS, batch_size=len(W.REQUESTS))
+    got = W.top1(model, tok, [r.text for r in W.REQUESTS])
+    assert got == [W.target_id(tok, r) for r in W.REQUESTS]
+    held_after = W.top1(model, tok, held)
+    kept = sum(a == b for a, b in zip(held_before, held_after)) / len(held)
+    assert kept >= HELD_KEPT, f"only {kept:.0%} of the held-out predictions survived"
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["n_edited"] == len(W.REQUESTS) and d["n_dropped"] == 0
+    layers = set(hp.layers) if strategy == "distribute" else set(hp.boundary_layers)
+    assert set(d["batches"][0]["layers"]) == {str(l) for l in layers}
+    for info in d["batches"][0]["layers"].values():
+        assert info["delta_norm"] > 0 and info["w_norm_after"] != info["w_norm_before"]
+    assert set(d["batches"][0]["times"]) >= {"targets", "keys", "solve", "apply"}
+
+
+@pytest.mark.parametrize("strategy", ["distribute", "blue"])
+def test_only_the_strategys_layers_change_and_restore_undoes_everything(strategy):
+    tok = W.tokenizer()
+    model = W.model("llama")
+    hp = presets.get("tiny").replace(layers=(0, 1, 2))
+    before = W.weights(model)
+    editor = Editor(model, tok, method="memit", strategy=strategy, hparams=hp,
+                    stats=W.covariances(model, hp.layers), progress=False)
+    editor.edit(W.REQUESTS, batch_size=2)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    expect = {0, 1, 2} if strategy == "distribute" else {0, 2}
+    assert changed == {f"model.layers.{l}.mlp.down_proj.weight" for l in expect}
+    editor.restore()
+    W.assert_unchanged(model, before)
+
+
+def _editor(method="memit_seq", strategy="distribute", arch="llama", **kw):
+    tok = W.tokenizer()
+    model = W.model(arch)
+    hp = presets.get("tiny", method=method, strategy=strategy)
+    return Editor(model, tok, method=method, strategy=strategy, hparams=hp,
+                  stats=W.covariances(model, hp.layers), progress=False, **kw)
+
+
+def test_a_request_failing_validation_changes_nothing():
+    ed = _editor()
+    before = W.weights(ed.model)
+    bad = [*W.REQUESTS[:2], Request("no placeholder here", "Alice", "Tokyo", case_id=99), *W.REQUESTS[2:]]
+    with pytest.raises(EditError) as info:
+        ed.edit(bad, batch_size=2)
+    assert info.value.stage == "validate" and info.value.request_index == 2
+    assert "case 99" in str(info.value)
+    assert isinstance(info.value.__cause__, InputError)
+    W.assert_unchanged(ed.model, before)
+    with pytest.raises(EditError, match="batch_size"):
+        ed.edit(W.REQUESTS, batch_size=0)
+
+
+def _probe(ed, layer):
+    """A fixed solve through the layer's solver: changes iff its sequential state changes."""
+    g = torch.Generator().manual_seed(5)
+    K = torch.randn(ed.adapter.d_k, 3, dtype=torch.float64, generator=g)
+    R = torch.randn(ed.adapter.d, 3, dtype=torch.float64, generator=g)
+    return ed._solvers[layer].solve(K, R)
+
+
+@pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("method,strategy", [("memit_seq", "distribute"), ("alphaedit", "blue")])
+def test_fault_after_the_first_layer_restores_weights_and_state(monkeypatch, method, strategy, exc_type):
+    ed = _editor(method, strategy)
+    ed.edit(W.REQUESTS[:2], batch_size=2)  # some sequential state to protect
+    before = W.weights(ed.model)
+    probes = {l: _probe(ed, l) for l in ed.edit_layers}
+    real = methods_mod.compute_keys
+    calls = []
+
+    def failing_keys(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first layer has been solved and applied by now
+            raise exc_type("injected fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(methods_mod, "compute_keys", failing_keys)
+    with pytest.raises(EditError) as info:
+        ed.edit(W.REQUESTS[2:], batch_size=2)
+    assert info.value.stage == "keys"
+    assert isinstance(info.value.__cause__, exc_type)
+    assert "case_id 13, 14" in str(info.value)
+    W.assert_unchanged(ed.model, before)
+    for l in ed.edit_layers:
+        assert torch.equal(_probe(ed, l), probes[l])
+
+
+def test_a_fault_while_accumulating_rolls_the_solver_state_back(monkeypatch):
+    ed = _editor("memit_seq", "distribute")
+    ed.edit(W.REQUESTS[:2], batch_size=2)
+    before = W.weights(ed.model)
+    probes = {l: _probe(ed, l) for l in ed.edit_layers}
+    last = ed.edit_layers[-1]
+    solver = ed._solvers[last]
+
+    def broken(K, sign=1):
+        if sign == 1:
+            raise RuntimeError("accumulate failed")
+    monkeypatch.setattr(solver, "accumulate", broken)
+    with pytest.raises(EditError) as info:
+        ed.edit(W.REQUESTS[2:], batch_size=2)
+    assert info.value.stage == "state"
+    W.assert_unchanged(ed.model, before)
+    for l in ed.edit_layers:  # the first layer's accumulated keys were removed again
+        torch.testing.assert_close(_probe(ed, l), probes[l], rtol=1e-9, atol=1e-12)
+
+
+def test_error_names_stage_and_earlier_batches_stay(monkeypatch):
+    ed = _editor("memit", "blue")
+    real = methods_mod.compute_targets
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # batch 2, first boundary layer
+            raise ValueError("v* exploded")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(methods_mod, "compute_targets", failing)
+    before = W.weights(ed.model)
+    with pytest.raises(EditError) as info:
+        ed.edit(W.REQUESTS, batch_size=2)
+    assert info.value.stage == "targets" and "requests 2-3" in str(info.value)
+    assert len(info.value.report.batches) == 1  # the first batch is applied and reported
+    changed = [n for n, p in ed.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert changed  # batch 1 stays; batch 2 left nothing behind (checked by the tests above)
+
+
+def test_bad_configuration_is_refused():
+    tok, model = W.tokenizer(), W.model("llama")
+    hp = presets.get("tiny")
+    with pytest.raises(InputError, match="method"):
+        Editor(model, tok, method="rome", hparams=hp)
+    with pytest.raises(InputError, match="strategy"):
+        Editor(model, tok, strategy="all", hparams=hp)
+    with pytest.raises(InputError, match="hparams"):
+        Editor(model, tok)
+    with pytest.raises(InputError, match="layer 7"):
+        Editor(model, tok, hparams=hp, layers=(1, 7))
+    ed = Editor(model, tok, method="memit", hparams=hp, progress=False)
+    with pytest.raises(EditError, match="fastedit stats") as info:
+        ed.edit(W.REQUESTS)
+    assert info.value.stage == "prepare"
+    with pytest.raises(EditError, match=r"shape"):
+        Editor(model, tok, method="memit", hparams=hp, stats={1: torch.eye(3), 2: torch.eye(3)},
+               progress=False).edit(W.REQUESTS)
+
+
+def test_stats_directory_from_fastedit_stats(tmp_path):
+    from fastedit.linalg import CovarianceAccumulator
+
+    tok, model = W.tokenizer(), W.model("llama")
+    hp = presets.get("tiny")
+    stats = W.covariances(model, hp.layers)
+    for l, C in stats.items():
+        acc = CovarianceAccumulator(C.shape[0])
+        acc.update(torch.linalg.cholesky(C).T.contiguous())  # Σ k kᵀ = C over d_k "tokens"
+        acc.save(tmp_path / f"layer_{l}.safetensors", {"layer": l, "complete": "true"})
+    a = Editor(model, tok, method="memit", hparams=hp, stats=tmp_path, progress=False).covariance(1)
+    torch.testing.assert_close(a * a.shape[0], stats[1], rtol=1e-10, atol=1e-12)
+    with pytest.raises(InputError, match="layer_3"):
+        Editor(model, tok, method="memit", hparams=hp, layers=(3,), stats=tmp_path, progress=False).covariance(3)
