@@ -73,7 +73,8 @@ def memit_solve(C, K, lam, *, layer=None, jitter=None, backend=None) -> torch.Te
     if out_dtype in _HALF:
         C, K = C.float(), K.float()
     lam = _check_weight("lam", lam, batch, C)
-    L = cholesky_factor(lam * C + K @ K.mT, layer=layer, jitter=jitter, backend=backend, name="λ·C + K Kᵀ")
+    A = torch.addcmul(K @ K.mT, lam, C)
+    L = cholesky_factor(A, layer=layer, jitter=jitter, backend=backend, name="λ·C + K Kᵀ")
     return cholesky_apply_inverse(L, K).to(out_dtype)
 
 

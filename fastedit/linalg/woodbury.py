@@ -183,7 +183,7 @@ class LowRankCholesky:
         if m:
             flops += 4 * n * m * c + 2 * m * m * c
             if self._cap_solve is None:
-                flops += 2 * m**3 / 3
+                flops += (1 if all(s > 0 for s in self.signs) else 2) * m**3 / 3
         return flops
 
     def apply_inverse(self, B: torch.Tensor) -> torch.Tensor:
