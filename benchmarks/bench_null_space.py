@@ -32,7 +32,7 @@ GROUP = "alphaedit update per batch"
 @functools.lru_cache(maxsize=1)
 def _problem(d_k, n, d, device):
     g = torch.Generator().manual_seed(d_k * 1000 + n + 1)
-    C0 = random_covariance_with_null_space(d_k, null_fraction=0.7, generator=g).to(device)
+    C0 = random_covariance_with_null_space(d_k, null_fraction=0.7, generator=g, device=device)
     earlier = [torch.randn(d_k, n, dtype=torch.float64, generator=g).to(device) for _ in range(EARLIER_BATCHES)]
     K = torch.randn(d_k, n, dtype=torch.float64, generator=g).to(device)
     R = (torch.randn(d, n, dtype=torch.float64, generator=g) / d**0.5).to(device)

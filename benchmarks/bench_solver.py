@@ -30,7 +30,7 @@ GROUP = "memit update per batch"
 @functools.lru_cache(maxsize=1)
 def _problem(d_k, n, d, device):
     g = torch.Generator().manual_seed(d_k * 1000 + n)
-    C = random_covariance_with_null_space(d_k, generator=g)
+    C = random_covariance_with_null_space(d_k, generator=g, device=device)
     K = torch.randn(d_k, n, dtype=torch.float64, generator=g)
     R = torch.randn(d, n, dtype=torch.float64, generator=g) / d**0.5
     C, K, R = C.to(device), K.to(device), R.to(device)
