@@ -1,9 +1,9 @@
 // CUDA registrations of fastedit's compiled ops: the ATen composition of ops.cpp plus the raw
 // kernels of csrc/*.cu, launched on the current stream. Compiled only with a CUDA-enabled torch.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "kernels.h"
@@ -15,7 +15,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_ex_cuda(const at::Tensor& A) {
   const c10::cuda::CUDAGuard guard(A.device());
   CholeskyParts p = cholesky_factor(A);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "fastedit::cholesky_ex", [&] {
     C10_CUDA_CHECK(launch_cholesky_pivots<scalar_t>(
         p.A3.const_data_ptr<scalar_t>(), p.A3.stride(0), p.A3.stride(1), p.A3.stride(2),
@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_ex_cuda(const at::Tensor
 }
 
 void add_reciprocal_diagonal_cuda(at::Tensor& S, const at::Tensor& w) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "fastedit::woodbury_solve", [&] {
     C10_CUDA_CHECK(launch_add_reciprocal_diagonal<scalar_t>(
         S.data_ptr<scalar_t>(), S.stride(0), S.stride(1), S.stride(2),

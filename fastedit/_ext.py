@@ -45,7 +45,7 @@ _CPU_SOURCES = ("ops.cpp",)
 _CUDA_SOURCES = ("cuda_ops.cpp", "cholesky_pivots.cu", "woodbury.cu")
 _HEADERS = ("ops.h", "kernels.h")
 _CFLAGS = ("-O2",)
-_CUDA_CFLAGS = ("-O3", "-std=c++17")
+_CUDA_CFLAGS = ("-O3",)  # the C++ standard is torch's choice, as for the host compiler
 _COMPLETE = "build-complete"
 
 
@@ -108,7 +108,7 @@ class _Loader:
         digest = hashlib.sha256()
         for name in sorted(names):
             digest.update(name.encode() + b"\0" + (sources / name).read_bytes() + b"\0")
-        digest.update(repr((_CFLAGS, _CUDA_CFLAGS, cuda_arch, sys.version_info[:2])).encode())
+        digest.update(repr((_CFLAGS, cuda_arch and _CUDA_CFLAGS, cuda_arch, sys.version_info[:2])).encode())
         flavour = f"cu{torch.version.cuda}" if cuda_arch else "cpu"
         torch_version = torch.__version__.split("+")[0]
         key = f"torch{torch_version}-{flavour}-py{sys.version_info[0]}{sys.version_info[1]}-{digest.hexdigest()[:16]}"
