@@ -319,7 +319,9 @@ def cholesky_ex(A: torch.Tensor):
     Kept as a compiled op for what torch lacks: torch.linalg.cholesky_ex gives neither the
     failing pivot value nor, on CUDA, a way to get the smallest pivot without extra kernels;
     the compiled op gathers both on the device without a host synchronisation, at a cost of
-    one small kernel over the diagonal (see benchmarks/bench_ext.py).
+    one small kernel over the diagonal. CPU, float64, batch 5 (benchmarks/bench_ext.py): n = 65,
+    73 µs against 69 µs for torch.linalg.cholesky_ex alone and 175 µs for the torch composition
+    with the same outputs; n = 1025, within noise of both (the factorisation dominates).
     """
     _check_cholesky_input(A)
     if available_for(A.device):
@@ -366,7 +368,9 @@ def woodbury_solve(L: torch.Tensor, U: torch.Tensor, s: torch.Tensor, B: torch.T
     Kept as a compiled op because it wins: the backward solve on U's m columns is never done
     (n²(m + 2k) triangular-solve flops instead of 2n²(m + k) for cholesky_solve on [U B]),
     the capacitance and Uᵀ A0⁻¹ B come from one GEMM, the subtraction is fused into it, and one
-    call replaces about ten Python-dispatched ops (see benchmarks/bench_ext.py).
+    call replaces about ten Python-dispatched ops. CPU, float64, against the torch composition
+    (benchmarks/bench_ext.py): n = 2049, m = k = 100: 56 ms vs 127 ms; n = 129, m = 7, k = 5:
+    54 µs vs 72 µs.
     """
     _check_woodbury_inputs(L, U, s, B)
     if available_for(L.device):
