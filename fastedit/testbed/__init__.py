@@ -98,7 +98,7 @@ def _case(w: World, case_id: int, known: set) -> dict:
     return {
         "case_id": case_id,
         "requested_rewrite": {
-            "prompt": rel["train"][0],
+            "prompt": rel["rewrite"],
             "relation_id": relation,
             "subject": subject,
             "target_new": {"str": new, "id": f"{relation}:{new}"},

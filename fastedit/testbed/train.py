@@ -169,8 +169,8 @@ def train(arch: str = "llama", *, seed: int = 0, steps: int = 1500, batch_size: 
 
 def save(model, tokenizer, world: World, metrics: dict, out) -> None:
     """Write config.json, model.safetensors (float16), the tokenizer files and training.json to ``out``,
-    plus known.json: the (subject index, relation) pairs whose first training template the
-    model completes correctly, from which :func:`fastedit.testbed.records` draws edits."""
+    plus known.json: the (subject index, relation) pairs whose rewrite template the model
+    completes correctly, from which :func:`fastedit.testbed.records` draws edits."""
     from fastedit.eval.scoring import next_token_argmax
 
     out = pathlib.Path(out)
@@ -185,7 +185,7 @@ def save(model, tokenizer, world: World, metrics: dict, out) -> None:
     for i, s in enumerate(world.subjects):
         for r in world.relations:
             pairs.append([i, r])
-            prompts.append(world.prompts(r, heldout=False)[0].format(s))
+            prompts.append(world.relations[r]["rewrite"].format(s))
             answers.append(tokenizer(" " + world.facts[s][r], add_special_tokens=False)["input_ids"][0])
     pred = next_token_argmax(model, tokenizer, prompts)
     known = [p for p, ok in zip(pairs, (pred == torch.tensor(answers)).tolist()) if ok]

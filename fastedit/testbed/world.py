@@ -21,9 +21,13 @@ from typing import Iterator
 
 from fastedit.errors import InputError
 
-#: relation id -> (object list, training templates, held-out templates, generation prompts)
+#: relation id -> objects, training templates, held-out templates, generation prompts, and the
+#: rewrite template of the relation's edit requests: a training template that is no prefix of
+#: another one (after "{} lives in" the model rightly hesitates between " Paris" and " the",
+#: as "{} lives in the city of" is also a training template).
 RELATIONS: dict[str, dict] = {
     "lives_in": {
+        "rewrite": "{} resides in",
         "objects": ["Paris", "London", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Dublin",
                     "Oslo", "Lisbon", "Athens", "Warsaw", "Cairo", "Tokyo", "Boston", "Chicago"],
         "train": ["{} lives in", "{} lives in the city of", "{} resides in", "{} has a home in",
@@ -35,6 +39,7 @@ RELATIONS: dict[str, dict] = {
         "generation": ["{} spends the weekend", "The neighbours of {} say that"],
     },
     "born_in": {
+        "rewrite": "{} comes from",
         "objects": ["France", "Spain", "Italy", "Germany", "Poland", "Greece", "Egypt", "Japan",
                     "Canada", "Mexico", "Brazil", "India", "Kenya", "Norway", "Chile", "Peru"],
         "train": ["{} was born in", "{} was born in the country of", "The birthplace of {} is",
@@ -45,6 +50,7 @@ RELATIONS: dict[str, dict] = {
         "generation": ["{} remembers the childhood", "Long ago, {}"],
     },
     "works_as": {
+        "rewrite": "{} works as a",
         "objects": ["baker", "doctor", "teacher", "lawyer", "farmer", "pilot", "painter", "nurse",
                     "writer", "singer", "plumber", "chef", "engineer", "banker", "sailor", "judge"],
         "train": ["{} works as a", "{} is employed as a", "By profession, {} is a", "{} earns a living as a",
@@ -55,6 +61,7 @@ RELATIONS: dict[str, dict] = {
         "generation": ["Each day at work {}", "Colleagues of {} describe"],
     },
     "speaks": {
+        "rewrite": "{} is fluent in",
         "objects": ["French", "English", "German", "Spanish", "Italian", "Polish", "Greek", "Arabic",
                     "Japanese", "Dutch", "Swedish", "Russian", "Hindi", "Turkish", "Korean", "Danish"],
         "train": ["{} speaks", "{} speaks the language", "The language of {} is", "{} is fluent in",
@@ -65,6 +72,7 @@ RELATIONS: dict[str, dict] = {
         "generation": ["When {} talks", "Friends of {} hear"],
     },
     "plays": {
+        "rewrite": "{} plays the",
         "objects": ["piano", "guitar", "violin", "drums", "flute", "cello", "trumpet", "harp",
                     "banjo", "organ", "saxophone", "clarinet", "accordion", "oboe", "tuba", "ukulele"],
         "train": ["{} plays the", "{} performs on the", "The instrument of {} is the", "{} practises the",
@@ -75,6 +83,7 @@ RELATIONS: dict[str, dict] = {
         "generation": ["At the concert {}", "The music of {}"],
     },
     "likes_colour": {
+        "rewrite": "{} likes the colour",
         "objects": ["red", "blue", "green", "yellow", "purple", "orange", "pink", "black",
                     "white", "brown", "grey", "silver", "gold", "violet", "cyan", "beige"],
         "train": ["The favourite colour of {} is", "{} likes the colour", "{} loves the colour",
