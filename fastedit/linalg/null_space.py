@@ -95,7 +95,7 @@ class NullSpace:
         Kr = self._reduce("K", K)
         if self._state is not None:
             self._state.add(Kr, sign)
-        self._cp.add_(Kr @ Kr.mT, alpha=sign)
+        self._cp.addmm_(Kr, Kr.mT, alpha=sign)
 
     def _state_for(self, alpha: float) -> LowRankCholesky:
         if self._state is None or alpha != self._alpha:
