@@ -68,7 +68,10 @@ def shared_data() -> pathlib.Path:
 
 
 @pytest.fixture
-def gen():
-    """A fresh, differently seeded generator per test (fresh random inputs, reproducible per run)."""
+def gen(request):
+    """A fresh, differently seeded generator per test: fresh random inputs on every run. The
+    seed is printed (shown with a failure's captured output) and kept in the test report."""
     seed = int.from_bytes(os.urandom(4), "little")
-    return torch.Generator().manual_seed(seed)  # g.initial_seed() tells a failing test's seed
+    request.node.user_properties.append(("seed", seed))
+    print(f"generator seed {seed}")
+    return torch.Generator().manual_seed(seed)

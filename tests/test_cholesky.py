@@ -1,7 +1,6 @@
 """cholesky_factor / cholesky_ex: factors, failing-pivot diagnostics, jitter, dispatch."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -13,15 +12,6 @@ from fastedit.linalg.cholesky import cholesky_apply_inverse, cholesky_ex_torch
 from fastedit.testing import assert_close, random_spd
 
 F64 = torch.float64
-
-
-@pytest.fixture
-def gen():
-    # Stand-in for conftest's `gen`, which sets an attribute torch 2.13's Generator rejects;
-    # delete once conftest is fixed. The seed is printed so a failure can be replayed.
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"generator seed {seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def _break_pivot(A: torch.Tensor, col: int, pivot: float) -> torch.Tensor:

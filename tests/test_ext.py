@@ -21,15 +21,6 @@ SIZES = (1, 6, 31, 67)
 DTYPES = (torch.float64, torch.float32)
 
 
-@pytest.fixture
-def gen(request):
-    """A freshly seeded generator per test, its seed in the test report. Shadows conftest's
-    ``gen``, which sets an attribute torch.Generator does not accept."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    request.node.user_properties.append(("seed", seed))
-    return torch.Generator().manual_seed(seed)
-
-
 @pytest.fixture(scope="module")
 def ops():
     """torch.ops.fastedit, built and loaded once for this module."""

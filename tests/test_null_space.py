@@ -1,7 +1,6 @@
 """NullSpace: the reduced AlphaEdit solve against the reference's dense formulation."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -11,15 +10,6 @@ from fastedit.linalg import NullSpace, alphaedit_dense_reference
 from fastedit.testing import assert_close, random_covariance_with_null_space, rel_error
 
 F64 = torch.float64
-
-
-@pytest.fixture
-def gen():
-    # Stand-in for conftest's `gen`, which sets an attribute torch 2.13's Generator rejects;
-    # delete once conftest is fixed. The seed is printed so a failure can be replayed.
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"generator seed {seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def _problem(d_k, n, gen, d=11):

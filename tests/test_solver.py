@@ -1,7 +1,6 @@
 """memit_solve and UpdateSolver against float64 torch.linalg.solve references."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -11,15 +10,6 @@ from fastedit.linalg import UpdateSolver, memit_solve
 from fastedit.testing import assert_close, random_spd, rel_error
 
 F64 = torch.float64
-
-
-@pytest.fixture
-def gen():
-    # Stand-in for conftest's `gen`, which sets an attribute torch 2.13's Generator rejects;
-    # delete once conftest is fixed. The seed is printed so a failure can be replayed.
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"generator seed {seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def _problem(d_k, n, batch, gen, d=11):
