@@ -42,6 +42,7 @@ from typing import Sequence
 import torch
 
 from fastedit.editing.context import check_templates, flatten
+from fastedit.editing.keys import require_eval
 from fastedit.editing.requests import Request, validate_requests
 from fastedit.editing.tokens import TokenBatch, encode_prompts, target_ids
 from fastedit.errors import EditError, FastEditError, InputError
@@ -334,6 +335,7 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
         :class:`Targets`, rows in request order, in float32 (float64 for a float64 model).
     """
     hp = VStarParams.coerce(hparams)
+    require_eval(model)
     validate_requests(requests)
     adapter.check_layer(layer)
     last = adapter.num_layers - 1 if loss_layer is None else adapter.check_layer(loss_layer)
