@@ -134,10 +134,11 @@ class _Chunk:
         # Target token k of a context row is predicted at prompt_last + k; each token's NLL is
         # weighted by 1 / (tokens · context prompts), giving the mean over tokens then prompts.
         rows, pos, labels, weights = [], [], [], []
+        prompt_last = self.batch.prompt_last.tolist()
         for e, t in enumerate(targets):
             for p in range(P - 1):
                 row = e * P + p
-                start = int(self.batch.prompt_last[row])
+                start = prompt_last[row]
                 rows += [row] * len(t)
                 pos += range(start, start + len(t))
                 labels += t
