@@ -172,10 +172,13 @@ def test_h_init_and_v0_are_the_reads_at_the_bare_prompt():
 
 def test_chunks_loss_layer_and_float32():
     model, tok, ad, tpl, seed = _setup("llama", templates=2)
-    reqs, hp = REQUESTS[:3], VStarParams(3, loss_stop=0.0)
+    reqs, hp = [REQUESTS[1], REQUESTS[0], REQUESTS[3]], VStarParams(3, loss_stop=0.0)
+    lengths = [len(tok(r.text)["input_ids"]) + len(target_ids(tok, r.target_new)) for r in reqs]
+    assert lengths != sorted(lengths)  # chunks are formed by length: the edits get reordered
     whole = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp)
     chunked = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, chunk_size=2)
     assert_close(chunked.z, whole.z, 1e-10, f"seed {seed} chunks")
+    assert chunked.steps.tolist() == whole.steps.tolist()
     mid = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, loss_layer=2)
     mid_hook = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, loss_layer=2, replay=False)
     assert_close(mid_hook.z, mid.z, 1e-10, f"seed {seed} loss_layer=2")
