@@ -97,3 +97,6 @@ def test_float32_model_gives_float32_and_bad_inputs():
         block_outputs_at_lookup(model, tok, ad, REQUESTS, 1, chunk_size=0)
     with pytest.raises(InputError, match="no requests"):
         values_at_lookup(model, tok, ad, [], 1)
+    model.train()
+    with pytest.raises(InputError, match="eval"):
+        compute_keys(model, tok, ad, REQUESTS, [1], templates=[["{}"]])

@@ -75,6 +75,27 @@ def test_batched_equals_one_at_a_time_and_the_reference_loop(arch):
     assert (t.delta.norm(dim=1) / t.h_init.norm(dim=1)).max() <= 0.3 * (1 + 1e-12)
 
 
+def test_cache_is_rebuilt_for_the_running_edits():
+    model, tok, ad, tpl, seed = _setup("gpt2", templates=1)
+    reqs, steps = REQUESTS[:4], 4
+    first = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=VStarParams(1, loss_stop=0.0))
+    top2 = first.loss.topk(2).values
+    # All but the edit with the highest initial loss stop at once: from iteration 1 on, one edit of
+    # four runs, so the replay cache is rebuilt for it alone (one more no-grad model forward).
+    hp = VStarParams(steps, loss_stop=float(top2.mean()))
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    try:
+        t = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp)
+    finally:
+        handle.remove()
+    assert sorted(t.steps.tolist())[:3] == [0, 0, 0] and t.steps.max() > 0
+    assert len(forwards) == 3  # the readout check, the first recording, the rebuilt one
+    z_ref, steps_ref, _ = _baselines().vstar_one_at_a_time(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp)
+    assert t.steps.tolist() == steps_ref.tolist()
+    assert_close(t.z, z_ref, 1e-6, f"seed {seed} rebuilt cache")
+
+
 def test_step_count_semantics():
     model, tok, ad, tpl, seed = _setup("llama", templates=2)
     reqs = REQUESTS[:3]
@@ -143,7 +164,7 @@ def test_loss_formula_and_kl_direction():
 
 def test_h_init_and_v0_are_the_reads_at_the_bare_prompt():
     model, tok, ad, tpl, seed = _setup("gpt2", templates=1)
-    t = compute_targets(model, tok, ad, REQUESTS, 2, templates=tpl, hparams=VStarParams(2))
+    t = compute_targets(model, tok, ad, REQUESTS, 2, templates=tpl, hparams=VStarParams(2), progress=True)
     assert_close(t.h_init, block_outputs_at_lookup(model, tok, ad, REQUESTS, 2), 1e-12, "h_init")
     assert_close(t.v0, values_at_lookup(model, tok, ad, REQUESTS, 2), 1e-12, "v0")
     assert t.z.shape == t.delta.shape == t.v0.shape == (len(REQUESTS), ad.d) and t.z.dtype == torch.float64
@@ -151,10 +172,13 @@ def test_h_init_and_v0_are_the_reads_at_the_bare_prompt():
 
 def test_chunks_loss_layer_and_float32():
     model, tok, ad, tpl, seed = _setup("llama", templates=2)
-    reqs, hp = REQUESTS[:3], VStarParams(3, loss_stop=0.0)
+    reqs, hp = [REQUESTS[1], REQUESTS[0], REQUESTS[3]], VStarParams(3, loss_stop=0.0)
+    lengths = [len(tok(r.text)["input_ids"]) + len(target_ids(tok, r.target_new)) for r in reqs]
+    assert lengths != sorted(lengths)  # chunks are formed by length: the edits get reordered
     whole = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp)
     chunked = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, chunk_size=2)
     assert_close(chunked.z, whole.z, 1e-10, f"seed {seed} chunks")
+    assert chunked.steps.tolist() == whole.steps.tolist()
     mid = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, loss_layer=2)
     mid_hook = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, loss_layer=2, replay=False)
     assert_close(mid_hook.z, mid.z, 1e-10, f"seed {seed} loss_layer=2")
@@ -190,6 +214,10 @@ def test_bad_inputs_and_failures():
         compute_targets(model, tok, ad, REQUESTS, 1, templates=tpl, chunk_size=0)
     with pytest.raises(InputError, match="templates"):
         compute_targets(model, tok, ad, REQUESTS, 1, templates=["{}"])
+    model.train()
+    with pytest.raises(InputError, match="eval"):
+        compute_targets(model, tok, ad, REQUESTS, 1, templates=tpl)
+    model.eval()
     # A model whose logits are not lm_head(final_norm(h)) is refused, not silently mis-optimised.
     handle = model.register_forward_hook(lambda mod, args, out: out.__setitem__("logits", out["logits"] * 2) or out)
     try:

@@ -24,6 +24,13 @@ from fastedit.models import ModelAdapter, forward_until
 from fastedit.models.hooks import _hidden
 
 
+def require_eval(model) -> None:
+    """Refuse a model in training mode: dropout would make every read (and v*) random."""
+    if model.training:
+        raise InputError("the model is in training mode, so dropout would randomise the activations "
+                         "read here: call model.eval() first")
+
+
 @contextlib.contextmanager
 def _gather_lookup(reads: dict, batch: TokenBatch) -> Iterator[dict]:
     """reads: name -> (module, inputs?). Yields name -> (B, width) rows at each row's lookup."""
@@ -49,6 +56,7 @@ def _gather_lookup(reads: dict, batch: TokenBatch) -> Iterator[dict]:
 def _read(model, tokenizer, adapter: ModelAdapter, texts: list[str], subjects: list[str], reads: dict, stop,
           *, padding_side, chunk_rows: int | None) -> dict:
     """Run the texts (chunked by rows) and concatenate what ``reads`` gathered per chunk."""
+    require_eval(model)
     out: dict = {name: [] for name in reads}
     step = chunk_rows or len(texts)
     for start in range(0, len(texts), step):

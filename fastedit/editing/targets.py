@@ -42,6 +42,7 @@ from typing import Sequence
 import torch
 
 from fastedit.editing.context import check_templates, flatten
+from fastedit.editing.keys import require_eval
 from fastedit.editing.requests import Request, validate_requests
 from fastedit.editing.tokens import TokenBatch, encode_prompts, target_ids
 from fastedit.errors import EditError, FastEditError, InputError
@@ -133,10 +134,11 @@ class _Chunk:
         # Target token k of a context row is predicted at prompt_last + k; each token's NLL is
         # weighted by 1 / (tokens · context prompts), giving the mean over tokens then prompts.
         rows, pos, labels, weights = [], [], [], []
+        prompt_last = self.batch.prompt_last.tolist()
         for e, t in enumerate(targets):
             for p in range(P - 1):
                 row = e * P + p
-                start = int(self.batch.prompt_last[row])
+                start = prompt_last[row]
                 rows += [row] * len(t)
                 pos += range(start, start + len(t))
                 labels += t
@@ -261,7 +263,7 @@ class _Run:
         return nll + self.hp.kl_factor * kl + decay, nll
 
 
-def _optimise(run: _Run, requests_offset: int, bar) -> tuple:
+def _optimise(run: _Run, indices: list[int], bar) -> tuple:
     hp, m = run.hp, run.chunk.m
     device = run.adapter.device
     run.record(torch.arange(m, device=device), first=True)
@@ -281,9 +283,9 @@ def _optimise(run: _Run, requests_offset: int, bar) -> tuple:
             bad = running & ~torch.isfinite(loss)
             if bad.any():
                 i = int(bad.nonzero()[0, 0])
-                raise EditError(f"request {requests_offset + i}: the v* loss is not finite at iteration {it} "
+                raise EditError(f"request {indices[i]}: the v* loss is not finite at iteration {it} "
                                 f"(loss {loss[i].item()}); check the model's dtype and the request's target",
-                                request_index=requests_offset + i, stage="compute_targets")
+                                request_index=indices[i], stage="compute_targets")
             final_loss[running] = loss[running].detach()
             final_nll[running] = nll[running].detach()
             stop = running & (loss < hp.loss_stop) if it < hp.v_num_grad_steps - 1 else running.clone()
@@ -326,7 +328,8 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
         loss_layer: block whose output is read through the final norm and LM head (default: the
             last block, i.e. the model's own logits).
         batched: optimise all edits together (True) or one after another (False; same result).
-        chunk_size: at most this many edits per forward/backward (memory bound); default all.
+        chunk_size: at most this many edits per forward/backward (bounds memory; chunks group
+            edits of similar prompt length to cut padding); default all in one.
         replay: cache the layers below ``layer`` and replay only the blocks above it each step
             (True), or run the whole model with a hook adding δ each step (False).
         padding_side: 'left' or 'right' (default: the tokenizer's); it does not change results.
@@ -334,6 +337,7 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
         :class:`Targets`, rows in request order, in float32 (float64 for a float64 model).
     """
     hp = VStarParams.coerce(hparams)
+    require_eval(model)
     validate_requests(requests)
     adapter.check_layer(layer)
     last = adapter.num_layers - 1 if loss_layer is None else adapter.check_layer(loss_layer)
@@ -355,17 +359,23 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
     try:
         for p in params:
             p.requires_grad_(False)
+        # Chunks of edits with similar prompt lengths waste less compute on padding.
+        order = list(range(len(requests)))
+        if 1 < size < len(requests):
+            order.sort(key=lambda i: len(tokenizer(requests[i].text)["input_ids"]) + len(tgt[i]))
         for start in range(0, len(requests), size):
-            chunk = _Chunk(tokenizer, requests[start:start + size], tgt[start:start + size], flat, padding_side,
+            idx = order[start:start + size]
+            chunk = _Chunk(tokenizer, [requests[i] for i in idx], [tgt[i] for i in idx], flat, padding_side,
                            adapter.device)
             if start == 0:
                 _check_readout(model, adapter, chunk.batch.select(chunk.rows_of(torch.arange(1, device=adapter.device))))
             with torch.enable_grad():
-                parts.append(_optimise(_Run(model, adapter, chunk, layer, last, hp, replay), start, bar))
+                parts.append(_optimise(_Run(model, adapter, chunk, layer, last, hp, replay), idx, bar))
     finally:
         for p, g in zip(params, had_grad):
             p.requires_grad_(g)
         if bar is not None:
             bar.close()
-    z, h_init, delta, v0, steps, loss, nll = (torch.cat(x) for x in zip(*parts))
+    back = torch.argsort(torch.tensor(order)).to(adapter.device)
+    z, h_init, delta, v0, steps, loss, nll = (torch.cat(x).index_select(0, back) for x in zip(*parts))
     return Targets(layer=layer, z=z, h_init=h_init, delta=delta, v0=v0, steps=steps, loss=loss, nll=nll)

@@ -1,0 +1,98 @@
+"""Batched v* (fastedit.editing.targets.compute_targets) against the references' one-edit-at-a-time
+compute_z loop (baselines.vstar_one_at_a_time), on random Llama models.
+
+Entries of one group: the baseline; fastedit batched with the upper-block replay (the default);
+fastedit batched with a hook and the whole model run each step (replay=False); fastedit one
+edit at a time (batched=False, replay on), which separates the gain of batching from the gain
+of skipping the lower layers. Every entry runs the full step count (loss_stop=0: random models
+never reach the reference's 5e-2), so all do the same optimisation work.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from baselines import vstar_one_at_a_time
+from fastedit.editing.context import context_templates
+from fastedit.editing.requests import Request
+from fastedit.editing.targets import VStarParams, compute_targets
+from fastedit.models import get_adapter, tiny_model
+from fastedit.models.tiny import tiny_tokenizer
+from fastedit.testing import rel_error
+
+SIZES = {
+    "small": [dict(layers=6, d=48, d_ff=112, vocab=97, n=8, layer=1, steps=5)],
+    "full": [dict(layers=8, d=256, d_ff=688, vocab=4096, n=32, layer=2, steps=10)],
+    "gpu": [dict(layers=16, d=2048, d_ff=5632, vocab=32000, n=100, layer=4, steps=20)],
+}
+
+SUBJECTS = ["Danielle Darrieux", "Michael Jordan", "Toko Yasuda", "The Eiffel Tower", "Thomas", "Paris", "Rome",
+            "Italy", "France"]
+PROMPTS = ["{} is located in", "The mother tongue of {} is", "{} plays", "Because {} speaks",
+           "You know {}, the capital of", "The guitar of {} is"]
+TARGETS = ["Rome", "English", "the guitar", "French", "Italy", "Paris", "basketball"]
+GROUP = "v* batched"
+
+_PROBLEMS: dict = {}
+
+
+def _problem(size: dict, device: torch.device):
+    key = (tuple(sorted(size.items())), str(device))
+    if key not in _PROBLEMS:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = tiny_model("llama", vocab_size=size["vocab"], dtype=dtype, hidden_size=size["d"],
+                           intermediate_size=size["d_ff"], num_hidden_layers=size["layers"],
+                           num_attention_heads=max(4, size["d"] // 128), num_key_value_heads=max(2, size["d"] // 256),
+                           initializer_range=0.2).to(device)
+        tok = tiny_tokenizer()
+        combos = itertools.islice(itertools.cycle(itertools.product(PROMPTS, SUBJECTS, TARGETS)), size["n"])
+        requests = [Request(p, s, t) for p, s, t in combos]
+        templates = context_templates(model, tok, n=5, length=10)
+        hp = VStarParams(size["steps"], v_lr=0.1, loss_stop=0.0)
+        _PROBLEMS[key] = (model, tok, get_adapter(model), requests, templates, hp)
+    return _PROBLEMS[key]
+
+
+def _label(size):
+    return f"L={size['layers']} d={size['d']} n={size['n']} steps={size['steps']}"
+
+
+def _run(benchmark, timed, bench_size, fn, size, role, **info):
+    benchmark.group = GROUP
+    benchmark.extra_info.update(role=role, op="v* (compute_z)", size=_label(size), edits=size["n"], **info)
+    rounds = bench_size.pick(small=3, full=2, gpu=1)
+    return benchmark.pedantic(timed(fn), rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+def _baseline_z(size, device):
+    model, tok, ad, requests, templates, hp = _problem(size, device)
+    key = ("baseline z", tuple(sorted(size.items())), str(device))
+    if key not in _PROBLEMS:
+        _PROBLEMS[key] = vstar_one_at_a_time(model, tok, ad, requests, size["layer"], templates=templates,
+                                             hparams=hp)[0]
+    return _PROBLEMS[key]
+
+
+def test_vstar_baseline_one_at_a_time(benchmark, timed, bench_size, device, size):
+    model, tok, ad, requests, templates, hp = _problem(size, device)
+    z, _, _ = _run(benchmark, timed, bench_size,
+                   lambda: vstar_one_at_a_time(model, tok, ad, requests, size["layer"], templates=templates,
+                                               hparams=hp), size, "baseline")
+    _PROBLEMS[("baseline z", tuple(sorted(size.items())), str(device))] = z
+
+
+@pytest.mark.parametrize("variant", ["batched replay", "batched hook", "one at a time replay"])
+def test_vstar_fastedit(benchmark, timed, bench_size, device, size, variant):
+    model, tok, ad, requests, templates, hp = _problem(size, device)
+    kw = {"batched replay": dict(), "batched hook": dict(replay=False),
+          "one at a time replay": dict(batched=False)}[variant]
+    info = {"variant": variant}
+    if variant == "batched replay" and bench_size == "gpu" and size["n"] == 100:
+        info["target"] = "≥ 10× vs one edit at a time"
+    out = _run(benchmark, timed, bench_size,
+               lambda: compute_targets(model, tok, ad, requests, size["layer"], templates=templates, hparams=hp,
+                                       **kw), size, "fastedit", **info)
+    # Same optimisation as the baseline: report how far the final z is from the baseline's.
+    benchmark.extra_info["z_diff_vs_baseline"] = f"{rel_error(out.z, _baseline_z(size, device)):.1e}"
