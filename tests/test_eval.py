@@ -80,6 +80,8 @@ def test_target_scores_chunks_and_errors(tok):
     assert torch.allclose(a[0], b[0], rtol=1e-12, atol=0)
     with pytest.raises(InputError, match="targets"):
         encode_pairs(tok, PROMPTS, TARGETS[:2])
+    with pytest.raises(InputError, match="target 1"):
+        encode_pairs(tok, PROMPTS[:2], ["Paris", ""])
     with pytest.raises(InputError, match="padding_side"):
         encode_pairs(tok, PROMPTS, TARGETS, padding_side="middle")
     with pytest.raises(InputError, match="batch_size"):

@@ -14,7 +14,11 @@ from fastedit.testbed.world import RELATIONS, make_world
 
 
 
-@pytest.fixture(scope="module", params=testbed.ARCHS)
+def test_llama_testbed_ships():
+    assert "llama" in testbed.shipped()
+
+
+@pytest.fixture(scope="module", params=testbed.shipped())
 def shipped(request):
     model, tok = testbed.load(request.param)
     return request.param, model, tok

@@ -49,11 +49,17 @@ def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
         raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if len(prompts) == 0:
         raise InputError("no prompts to score")
+    for i, t in enumerate(targets):
+        if not isinstance(t, str) or not t.strip():
+            raise InputError(f"target {i} ({t!r}) is empty; every prompt needs a non-empty target string")
     p_ids = tokenizer(list(prompts))["input_ids"]
     t_ids = tokenizer([" " + t.lstrip(" ") for t in targets], add_special_tokens=False)["input_ids"]
-    for i, t in enumerate(t_ids):
+    for i, (p, t) in enumerate(zip(p_ids, t_ids)):
         if not t:
             raise InputError(f"target {i} ({targets[i]!r}) tokenises to nothing; targets must be non-empty")
+        if not p:
+            raise InputError(f"prompt {i} is empty and the tokenizer adds no BOS token, so nothing "
+                             "predicts the target's first token; give a non-empty prompt")
     lengths = [len(p) + len(t) for p, t in zip(p_ids, t_ids)]
     B, T, L = len(prompts), max(lengths), max(len(t) for t in t_ids)
     input_ids = torch.full((B, T), _pad_id(tokenizer), dtype=torch.long)
@@ -157,31 +163,30 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
                     batch_size: int = 32) -> list[str]:
     """Greedy continuations (prompt included) of each prompt, left-padded batches.
 
-    Each step runs one forward over the whole growing batch (no KV cache: generations here
-    are short and this keeps the position handling identical to scoring).
+    One forward over the prompts, then one single-token forward per new token on the model's
+    key/value cache, with the attention mask and position ids extended by hand so that left
+    padding gives every row the positions it would have alone. A row stops at EOS.
     """
     dev = _device(model)
-    eos = tokenizer.eos_token_id
+    eos, pad = tokenizer.eos_token_id, _pad_id(tokenizer)
     texts = []
     for sl in _batches(len(prompts), batch_size):
         ids, mask = _left_padded(tokenizer, prompts[sl])
         ids, mask = ids.to(dev), mask.to(dev)
         n_prompt = ids.shape[1]
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
-        for _ in range(max_new_tokens):
-            pos = (mask.cumsum(1) - 1).clamp_min(0)
-            nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1)
-            if eos is not None:
-                nxt = torch.where(done, torch.full_like(nxt, _pad_id(tokenizer)), nxt)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
+                    use_cache=True)
+        for step in range(max_new_tokens):
+            nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), out.logits[:, -1].argmax(-1))
             ids = torch.cat([ids, nxt[:, None]], 1)
             mask = torch.cat([mask, (~done).long()[:, None]], 1)
             if eos is not None:
                 done |= nxt == eos
-                if bool(done.all()):
-                    break
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1,
+                        past_key_values=out.past_key_values, use_cache=True)
         for row, m in zip(ids.cpu(), mask.cpu()):
-            prompt_part = row[:n_prompt][m[:n_prompt].bool()]
-            new_part = row[n_prompt:][m[n_prompt:].bool()]
-            texts.append(tokenizer.decode(torch.cat([prompt_part, new_part]).tolist(),
-                                          skip_special_tokens=True))
+            texts.append(tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True))
     return texts

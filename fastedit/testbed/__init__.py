@@ -27,8 +27,13 @@ ARCHS = ("llama", "gpt2")
 #: middle layers (the testbed analogue of MEMIT's critical layers).
 EDIT_MODULES = {"llama": "model.layers.{}.mlp.down_proj", "gpt2": "transformer.h.{}.mlp.c_proj"}
 
-__all__ = ["load", "world", "records", "generic_corpus", "training_info", "edit_layers",
+__all__ = ["load", "world", "records", "generic_corpus", "training_info", "edit_layers", "shipped",
            "EDIT_MODULES", "World", "RELATIONS"]
+
+
+def shipped() -> tuple[str, ...]:
+    """The architectures whose trained weights are in this installation."""
+    return tuple(a for a in ARCHS if (ASSETS / a / "config.json").is_file())
 
 
 def _asset_dir(arch: str) -> pathlib.Path:
