@@ -74,3 +74,10 @@ def test_jsonl_and_limit(tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in rows))
     recs = load_records(p, limit=3)
     assert [q.subject for q in requests_from_records(recs)] == ["S0", "S1", "S2"]
+
+
+def test_from_dict_takes_a_whole_counterfact_record(shared_data):
+    raw = json.loads((shared_data / "counterfact_500.json").read_text())[0]
+    r = Request.from_dict(raw)
+    assert r.case_id == raw["case_id"] and r.subject == raw["requested_rewrite"]["subject"]
+    assert r == requests_from_records(load_records([raw]))[0]

@@ -48,8 +48,11 @@ class Request:
 
     @classmethod
     def from_dict(cls, d: dict, *, index: int | None = None) -> "Request":
-        """From a CounterFact ``requested_rewrite``-style dict (``target_*`` as str or {"str": ...})."""
+        """From a CounterFact ``requested_rewrite``-style dict (``target_*`` as str or {"str": ...}),
+        or a whole CounterFact record (its ``requested_rewrite`` and ``case_id`` are taken)."""
         where = f"request {index}" if index is not None else "request"
+        if isinstance(d, dict) and isinstance(d.get("requested_rewrite"), dict):
+            d = {"case_id": d.get("case_id"), **d["requested_rewrite"]}
         if not isinstance(d, dict):
             raise InputError(f"{where}: expected a dict with prompt, subject, target_new; got {type(d).__name__}")
         missing = [k for k in ("prompt", "subject", "target_new") if k not in d]
