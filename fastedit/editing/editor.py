@@ -22,7 +22,6 @@ import torch
 
 from fastedit.editing.context import context_templates
 from fastedit.editing.hparams import EditParams
-from fastedit.editing.keys import compute_keys
 from fastedit.editing.methods import (METHODS, REGULARIZERS, STRATEGIES, STRATEGY_FUNCS, BatchRun, edited_layers,
                                       make_solver)
 from fastedit.editing.nas import AnchorCache, anchor_key, choose_sample, estimate_anchor, weight_fingerprint
@@ -314,16 +313,12 @@ class Editor:
             STRATEGY_FUNCS[self.strategy](run)
             written = [l for l in self.edit_layers if l in run.layers]
             if written and self._solvers[written[0]].sequential:
-                if self._solvers[written[0]].recompute_keys:
-                    # AlphaEdit: C_p takes the keys of the edited model, after all layers of the batch.
-                    keys = run._timed("keys", compute_keys, self.model, self.tok, self.adapter,
-                                      run.kept_requests, written, templates=self._templates)
-                else:
-                    keys = run.solved_keys
+                # The keys each layer was solved with equal the keys of the edited model (see
+                # fastedit.editing.methods), which AlphaEdit's C_p takes.
                 run.stage = "state"
                 for l in written:
-                    self._solvers[l].accumulate(keys[l].to(torch.float64))
-                    accumulated.append((l, keys[l]))
+                    self._solvers[l].accumulate(run.solved_keys[l])
+                    accumulated.append((l, run.solved_keys[l]))
             if self.regularizer == "prune":
                 run.stage = "state"
                 acc = torch.promote_types(self.adapter.dtype, torch.float32)
@@ -335,7 +330,7 @@ class Editor:
             for l, p in params.items():
                 p.data.copy_(snapshot[l])
             for l, K in reversed(accumulated):
-                self._solvers[l].accumulate(K.to(torch.float64), sign=-1)
+                self._solvers[l].accumulate(K, sign=-1)
             which = _describe(batch, start)
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             index = start if len(batch) == 1 else None
