@@ -1,0 +1,123 @@
+"""Reads at the lookup (last subject) token: keys, values and residual-stream outputs.
+
+- Keys k (d_k): the input of the rewrite module (MLP output projection) of a layer.
+- Values m (d): the output of the rewrite module.
+- Block outputs h (d): the residual stream after a block.
+
+Each function runs one batched forward pass per chunk of requests, stopped right after the
+highest module it reads (nothing above is computed), and gathers the lookup token of each row
+inside the hook so that no full activation tensor is kept. Results are float32 (float64 for a
+float64 model); the solvers convert to float64 themselves.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+from fastedit.editing.context import check_templates, flatten
+from fastedit.editing.requests import Request, validate_requests
+from fastedit.editing.tokens import TokenBatch, encode_prompts
+from fastedit.errors import InputError
+from fastedit.models import ModelAdapter, forward_until
+from fastedit.models.hooks import _hidden
+
+
+@contextlib.contextmanager
+def _gather_lookup(reads: dict, batch: TokenBatch) -> Iterator[dict]:
+    """reads: name -> (module, inputs?). Yields name -> (B, width) rows at each row's lookup."""
+    store: dict = {}
+    rows = torch.arange(len(batch), device=batch.lookup.device)
+    handles = []
+
+    def make(name, use_input):
+        def hook(mod, args, output):
+            t = args[0] if use_input else _hidden(output)
+            store[name] = t[rows, batch.lookup].detach()
+        return hook
+
+    try:
+        for name, (module, use_input) in reads.items():
+            handles.append(module.register_forward_hook(make(name, use_input)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _read(model, tokenizer, adapter: ModelAdapter, texts: list[str], subjects: list[str], reads: dict, stop,
+          *, padding_side, chunk_rows: int | None) -> dict:
+    """Run the texts (chunked by rows) and concatenate what ``reads`` gathered per chunk."""
+    out: dict = {name: [] for name in reads}
+    step = chunk_rows or len(texts)
+    for start in range(0, len(texts), step):
+        batch = encode_prompts(tokenizer, texts[start:start + step], subjects[start:start + step],
+                               padding_side=padding_side, device=adapter.device)
+        with torch.no_grad(), _gather_lookup(reads, batch) as got:
+            forward_until(model, stop, **batch.inputs())
+        for name in reads:
+            out[name].append(got[name])
+    dtype = torch.promote_types(adapter.dtype, torch.float32)
+    return {name: torch.cat(parts).to(dtype) for name, parts in out.items()}
+
+
+def _check_chunk(chunk_size) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InputError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+
+
+def compute_keys(model, tokenizer, adapter: ModelAdapter, requests: Sequence[Request], layers: Sequence[int], *,
+                 templates: list[list[str]], padding_side: str | None = None,
+                 chunk_size: int | None = None) -> dict[int, torch.Tensor]:
+    """Keys K_l (d_k, n) of each layer l in ``layers``, averaged over the context templates.
+
+    For request i, k_i = mean over template groups g of (mean over templates t in g of the
+    rewrite-module input at the lookup token of ``t`` applied to the request's prompt). With the
+    standard templates [["{}"], [n generated]] that is ½·k(bare prompt) + ½·mean(k(contexts))
+    (ALGORITHMS.md section 11). One forward pass (per ``chunk_size`` requests) serves all
+    layers, stopped after the highest layer's rewrite module.
+    """
+    validate_requests(requests)
+    groups = check_templates(templates)
+    _check_chunk(chunk_size)
+    layers = [adapter.check_layer(layer) for layer in layers]
+    if not layers:
+        raise InputError("layers is empty: give at least one layer to read keys at")
+    flat = flatten(groups)
+    texts = [t.replace("{}", r.prompt, 1) for r in requests for t in flat]
+    subjects = [r.subject for r in requests for _ in flat]
+    reads = {layer: (adapter.rewrite_module(layer), True) for layer in set(layers)}
+    got = _read(model, tokenizer, adapter, texts, subjects, reads, adapter.rewrite_module(max(layers)),
+                padding_side=padding_side, chunk_rows=chunk_size and chunk_size * len(flat))
+    bounds = torch.tensor([0] + [len(g) for g in groups]).cumsum(0).tolist()
+    out = {}
+    for layer in layers:
+        k = got[layer].reshape(len(requests), len(flat), adapter.d_k)
+        per_group = torch.stack([k[:, a:b].mean(1) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+        out[layer] = per_group.mean(1).T.contiguous()
+    return out
+
+
+def block_outputs_at_lookup(model, tokenizer, adapter: ModelAdapter, requests: Sequence[Request], layer: int, *,
+                            padding_side: str | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """h (n, d): block ``layer``'s output (the residual stream, ``hidden_states[layer + 1]``) at the
+    lookup token of each request's bare prompt (MEMIT's ``cur`` in R = z − cur)."""
+    validate_requests(requests)
+    _check_chunk(chunk_size)
+    block = adapter.block(layer)
+    got = _read(model, tokenizer, adapter, [r.prompt for r in requests], [r.subject for r in requests],
+                {"h": (block, False)}, block, padding_side=padding_side, chunk_rows=chunk_size)
+    return got["h"]
+
+
+def values_at_lookup(model, tokenizer, adapter: ModelAdapter, requests: Sequence[Request], layer: int, *,
+                     padding_side: str | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """v0 (n, d): the rewrite module's output at the lookup token of each request's bare prompt
+    (NAS: v* = v0 + δ; the same as :attr:`Targets.v0` on the same model)."""
+    validate_requests(requests)
+    _check_chunk(chunk_size)
+    module = adapter.rewrite_module(layer)
+    got = _read(model, tokenizer, adapter, [r.prompt for r in requests], [r.subject for r in requests],
+                {"v": (module, False)}, module, padding_side=padding_side, chunk_rows=chunk_size)
+    return got["v"]

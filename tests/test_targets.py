@@ -1,0 +1,217 @@
+import importlib.util
+import os
+import pathlib
+
+import pytest
+import torch
+
+from fastedit.editing.context import context_templates, flatten
+from fastedit.editing.keys import block_outputs_at_lookup, values_at_lookup
+from fastedit.editing.requests import Request
+from fastedit.editing.targets import KL_PROMPT, VStarParams, compute_targets
+from fastedit.editing.tokens import encode_with_lookup, target_ids
+from fastedit.errors import EditError, FastEditError, InputError
+from fastedit.models import edit_output, get_adapter, tiny_model
+from fastedit.models.tiny import tiny_tokenizer
+from fastedit.testing import assert_close
+
+ARCHS = ["gpt2", "gptj", "llama"]
+LAYER = 1
+REQUESTS = [
+    Request("{} is located in", "The Eiffel Tower", "Rome"),
+    Request("The mother tongue of {} is", "Danielle Darrieux", "English"),
+    Request("{} plays", "Michael Jordan", "the guitar"),
+    Request("You know {}, the capital of", "Paris", "Italy"),
+    Request("Because {} speaks", "Thomas", "French"),
+]
+
+
+def _baselines():
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "baselines.py"
+    spec = importlib.util.spec_from_file_location("fastedit_bench_baselines", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _setup(arch, seed=None, dtype=torch.float64, templates=3):
+    # A larger init than the default 0.02 makes the tiny models' predictions depend on δ, so the
+    # loss falls steadily over the steps (early stops at different steps, clamping active).
+    seed = int.from_bytes(os.urandom(2), "little") if seed is None else seed
+    model = tiny_model(arch, dtype=dtype, seed=seed, initializer_range=0.2)
+    tok = tiny_tokenizer(bos=arch == "llama")
+    return model, tok, get_adapter(model), context_templates(model, tok, n=templates, length=3), seed
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_equals_one_at_a_time_and_the_reference_loop(arch):
+    model, tok, ad, tpl, seed = _setup(arch, templates=2)
+    reqs, steps = REQUESTS[:3], 5
+    # Threshold halfway along the edit whose loss falls most, so edits stop at different steps;
+    # a small clamp radius so that clamping is active.
+    first = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=VStarParams(1, loss_stop=0.0))
+    last = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl,
+                           hparams=VStarParams(steps, clamp_norm_factor=0.3, loss_stop=0.0))
+    i = int((first.loss - last.loss).argmax())
+    hp = VStarParams(steps, clamp_norm_factor=0.3, loss_stop=float(first.loss[i] + last.loss[i]) / 2)
+
+    z_ref, steps_ref, loss_ref = _baselines().vstar_one_at_a_time(model, tok, ad, reqs, LAYER, templates=tpl,
+                                                                   hparams=hp)
+    assert len(set(steps_ref.tolist())) >= 2 and ((steps_ref > 0) & (steps_ref < steps - 1)).any(), (seed, steps_ref)
+    runs = {
+        "batched right": dict(padding_side="right"),
+        "batched left": dict(padding_side="left"),
+        "one at a time": dict(batched=False),
+        "hook, left": dict(replay=False, padding_side="left"),
+    }
+    for name, kw in runs.items():
+        t = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, **kw)
+        what = f"{arch} seed {seed} {name}"
+        assert t.steps.tolist() == steps_ref.tolist(), what
+        assert_close(t.z, z_ref, 1e-6, what)
+        assert_close(t.delta, z_ref - t.h_init, 1e-6, what)
+        assert_close(t.loss, loss_ref, 1e-6, what)
+        torch.testing.assert_close(t.z, t.h_init + t.delta, rtol=0, atol=0)
+    assert (t.delta.norm(dim=1) / t.h_init.norm(dim=1)).max() <= 0.3 * (1 + 1e-12)
+
+
+def test_step_count_semantics():
+    model, tok, ad, tpl, seed = _setup("llama", templates=2)
+    reqs = REQUESTS[:3]
+    one = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=VStarParams(1, loss_stop=0.0))
+    assert one.steps.tolist() == [0] * len(reqs)
+    assert torch.equal(one.delta, torch.zeros_like(one.delta)) and torch.equal(one.z, one.h_init)
+    torch.testing.assert_close(one.loss, one.nll, rtol=1e-12, atol=0)  # KL and decay vanish at δ = 0
+    stop_now = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl,
+                               hparams=VStarParams(5, loss_stop=1e9))
+    assert stop_now.steps.tolist() == [0] * len(reqs)
+    # With a tiny radius every step ends clamped: all edits end on the ball, as in the reference loop.
+    hp = {"v_num_grad_steps": 4, "loss_stop": 0.0, "clamp_norm_factor": 0.02}
+    full = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, padding_side="left")
+    assert full.steps.tolist() == [3] * len(reqs)
+    assert_close(full.delta.norm(dim=1), 0.02 * full.h_init.norm(dim=1), 1e-12, "clamped norms")
+    z_ref, steps_ref, _ = _baselines().vstar_one_at_a_time(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp)
+    assert steps_ref.tolist() == full.steps.tolist()
+    assert_close(full.z, z_ref, 1e-6, f"seed {seed} clamped")
+
+
+def _manual_loss(model, tok, ad, tpl, req, delta, hp):
+    """Loss of one edit at a given δ from single-prompt forwards (no batching, no padding)."""
+    tgt = target_ids(tok, req.target_new)
+
+    def run(template, d, appended=()):
+        ids, at = encode_with_lookup(tok, template, req.subject)
+        ids = torch.tensor([ids + list(appended)])
+
+        def add(h):
+            h = h.clone()
+            h[0, at] += d
+            return h
+
+        with edit_output(ad.block(LAYER), add):
+            return model(input_ids=ids).logits[0].log_softmax(-1), at, len(ids[0]) - len(appended) - 1
+
+    nlls = []
+    for t in flatten(tpl):
+        logp, _, start = run(t.replace("{}", req.prompt), delta, tgt[:-1])
+        nlls.append(-torch.stack([logp[start + k, tok_id] for k, tok_id in enumerate(tgt)]).mean())
+    nll = torch.stack(nlls).mean()
+    init, at, _ = run(KL_PROMPT, torch.zeros_like(delta))
+    cur, _, _ = run(KL_PROMPT, delta)
+    p, q = init[at], cur[at]
+    kl_cur_init = (q.exp() * (q - p)).sum()
+    kl_init_cur = (p.exp() * (p - q)).sum()
+    ids, at0 = encode_with_lookup(tok, flatten(tpl)[0].replace("{}", req.prompt), req.subject)
+    with torch.no_grad():
+        h0 = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0, at0]
+    decay = hp.v_weight_decay * delta.norm() / h0.norm() ** 2
+    return nll, kl_cur_init, kl_init_cur, decay
+
+
+def test_loss_formula_and_kl_direction():
+    model, tok, ad, tpl, seed = _setup("gptj", templates=2)
+    hp = VStarParams(3, kl_factor=1.0, loss_stop=0.0)
+    t = compute_targets(model, tok, ad, REQUESTS[:2], LAYER, templates=tpl, hparams=hp, padding_side="left")
+    for i, req in enumerate(REQUESTS[:2]):
+        with torch.no_grad():
+            nll, kl_fwd, kl_rev, decay = _manual_loss(model, tok, ad, tpl, req, t.delta[i], hp)
+        assert_close(t.nll[i], nll, 1e-9, f"seed {seed} nll")
+        assert_close(t.loss[i], nll + kl_fwd + decay, 1e-9, f"seed {seed} loss")
+        assert abs(float(kl_fwd - kl_rev)) > 1e-6 * float(kl_fwd) and kl_fwd > 0
+        assert not abs(float(t.loss[i] - (nll + kl_rev + decay))) < 1e-9 * float(t.loss[i])
+
+
+def test_h_init_and_v0_are_the_reads_at_the_bare_prompt():
+    model, tok, ad, tpl, seed = _setup("gpt2", templates=1)
+    t = compute_targets(model, tok, ad, REQUESTS, 2, templates=tpl, hparams=VStarParams(2))
+    assert_close(t.h_init, block_outputs_at_lookup(model, tok, ad, REQUESTS, 2), 1e-12, "h_init")
+    assert_close(t.v0, values_at_lookup(model, tok, ad, REQUESTS, 2), 1e-12, "v0")
+    assert t.z.shape == t.delta.shape == t.v0.shape == (len(REQUESTS), ad.d) and t.z.dtype == torch.float64
+
+
+def test_chunks_loss_layer_and_float32():
+    model, tok, ad, tpl, seed = _setup("llama", templates=2)
+    reqs, hp = REQUESTS[:3], VStarParams(3, loss_stop=0.0)
+    whole = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp)
+    chunked = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, chunk_size=2)
+    assert_close(chunked.z, whole.z, 1e-10, f"seed {seed} chunks")
+    mid = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, loss_layer=2)
+    mid_hook = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, loss_layer=2, replay=False)
+    assert_close(mid_hook.z, mid.z, 1e-10, f"seed {seed} loss_layer=2")
+    assert (mid.loss - whole.loss).abs().max() > 1e-3  # the loss is read elsewhere
+    model32 = tiny_model("llama", seed=seed, initializer_range=0.2)
+    t32 = compute_targets(model32, tok, get_adapter(model32), reqs, LAYER, templates=tpl, hparams=hp)
+    assert t32.z.dtype == torch.float32
+    assert_close(t32.z, whole.z, 1e-4, f"seed {seed} float32 vs float64")
+
+
+def test_model_is_left_untouched():
+    model, tok, ad, tpl, seed = _setup("gpt2", templates=1)
+    params = dict(model.named_parameters())
+    frozen = "transformer.wte.weight"
+    params[frozen].requires_grad_(False)
+    before = {k: v.detach().clone() for k, v in params.items()}
+    compute_targets(model, tok, ad, REQUESTS[:2], LAYER, templates=tpl, hparams=VStarParams(3, loss_stop=0.0))
+    for k, v in params.items():
+        assert torch.equal(v.detach(), before[k]), k
+        assert v.grad is None, k
+        assert v.requires_grad == (k != frozen), k
+
+
+def test_bad_inputs_and_failures():
+    model, tok, ad, tpl, seed = _setup("llama")
+    with pytest.raises(InputError, match="below the edited layer"):
+        compute_targets(model, tok, ad, REQUESTS, 2, templates=tpl, loss_layer=1)
+    with pytest.raises(InputError, match="v_num_grad_steps"):
+        compute_targets(model, tok, ad, REQUESTS, 1, templates=tpl, hparams={"v_num_grad_steps": 0})
+    with pytest.raises(InputError, match="out of range"):
+        compute_targets(model, tok, ad, REQUESTS, 9, templates=tpl)
+    with pytest.raises(InputError, match="chunk_size"):
+        compute_targets(model, tok, ad, REQUESTS, 1, templates=tpl, chunk_size=0)
+    with pytest.raises(InputError, match="templates"):
+        compute_targets(model, tok, ad, REQUESTS, 1, templates=["{}"])
+    # A model whose logits are not lm_head(final_norm(h)) is refused, not silently mis-optimised.
+    handle = model.register_forward_hook(lambda mod, args, out: out.__setitem__("logits", out["logits"] * 2) or out)
+    try:
+        with pytest.raises(FastEditError, match="lm_head"):
+            compute_targets(model, tok, ad, REQUESTS, 1, templates=tpl)
+    finally:
+        handle.remove()
+    # A non-finite loss names the request (rows of request 1 onwards are poisoned).
+    per_edit = len(flatten(tpl)) + 1
+
+    def poison(mod, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        if h.shape[0] > per_edit:
+            h = h.clone()
+            h[per_edit:] = float("nan")
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = ad.block(3).register_forward_hook(poison)
+    try:
+        with pytest.raises(EditError, match="request 1") as err:
+            compute_targets(model, tok, ad, REQUESTS[:2], 1, templates=tpl)
+        assert err.value.request_index == 1 and err.value.stage == "compute_targets"
+    finally:
+        handle.remove()
+    assert all(p.requires_grad for p in model.parameters())
