@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from fastedit.linalg import alphaedit_dense_reference
+
 # --- Covariance statistics and norm anchoring (kernels branch) -----------------------------
 
 
@@ -176,4 +178,52 @@ def covariance_per_layer_fp32(model, module_names, batches, d_k: int):
                 out[name] = covariance_fp32_running_sum(keys(), d_k, masks)
         finally:
             handle.remove()
+    return out
+
+
+# --- Closed-form solvers: MEMIT and AlphaEdit updates (solver branch) -----------------------
+
+
+def memit_lu_update(C, K, R, lam):
+    """MEMIT's update as the references compute it: adj = solve(λC + K Kᵀ, K) by a general LU
+    in float64, ΔW = R adjᵀ. C (d_k, d_k), K (d_k, n), R (d, n) -> (d, d_k)."""
+    adj = torch.linalg.solve(lam * C + K @ K.mT, K)
+    return R @ adj.mT
+
+
+def alphaedit_dense_update(P, K, R, alpha, cache_c):
+    """AlphaEdit's update as the reference computes it: the dense projector P (d_k, d_k), the
+    non-symmetric system solve(P (K Kᵀ + C_p) + αI, P K Rᵀ) by LU, in the inputs' dtype (float32
+    in the reference). Returns ΔW (d, d_k)."""
+    return alphaedit_dense_reference(P, K, R, alpha, cache_c)
+
+
+# --- CounterFact scoring (fastedit.eval.counterfact) -----------------------------------------
+# The references score one case at a time: one right-padded forward over the case's prompts,
+# each twice (followed by " " + new and by " " + true target), then a Python loop over the
+# prompts and target tokens that sums log-probabilities with one .item() per token.
+
+@torch.no_grad()
+def counterfact_nll_per_case(model, tok, cases):
+    """For each (prompts, new, true): [(nll_new, nll_true) per prompt], mean per-token NLL."""
+    dev = next(model.parameters()).device
+    out = []
+    for prompts, new, true in cases:
+        texts = [p for p in prompts for _ in (0, 1)]
+        targets = [t for _ in prompts for t in (new, true)]
+        p_ids = [tok(p)["input_ids"] for p in texts]
+        t_ids = [tok(" " + t, add_special_tokens=False)["input_ids"] for t in targets]
+        seqs = [p + t for p, t in zip(p_ids, t_ids)]
+        width = max(len(s) for s in seqs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=dev)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, dim=-1)
+        scores = []
+        for i in range(len(seqs)):
+            total = 0.0
+            for j, t in enumerate(t_ids[i]):
+                total += -logp[i, len(p_ids[i]) + j - 1, t].item()
+            scores.append(total / len(t_ids[i]))
+        out.append([(scores[2 * k], scores[2 * k + 1]) for k in range(len(prompts))])
     return out

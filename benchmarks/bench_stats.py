@@ -20,7 +20,7 @@ from fastedit.testing import rel_error
 CONFIGS = {
     "cpu": dict(model=dict(hidden_size=64, intermediate_size=176, num_hidden_layers=6, num_attention_heads=4,
                            num_key_value_heads=2, max_position_embeddings=128, vocab_size=512),
-                layers=[1, 2, 3, 4, 5], docs=24, min_len=40, max_len=128, token_budget=1024,
+                layers=[1, 2, 3, 4, 5], docs=16, min_len=40, max_len=128, token_budget=1024,
                 dtype=torch.float32, rounds=3, tol=1e-5),
     "cuda": dict(model=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=9, num_attention_heads=32,
                             num_key_value_heads=8, max_position_embeddings=8192, vocab_size=128256),

@@ -41,3 +41,9 @@ class EditError(FastEditError):
         super().__init__(message)
         self.request_index = request_index
         self.stage = stage
+
+
+class ExtensionError(FastEditError, RuntimeError):
+    """The compiled extension (csrc/) could not be built or loaded where it was required
+    (``fastedit build-ext``, or ``FASTEDIT_REQUIRE_EXT=1``); otherwise fastedit warns once and
+    uses the torch reference ops."""

@@ -34,14 +34,15 @@ def random_spd(n: int, *, batch=(), cond: float = 1e3, dtype=torch.float64, gene
 
 
 def random_covariance_with_null_space(n: int, *, null_fraction: float = 0.7, threshold: float = 2e-2,
-                                      dtype=torch.float64, generator=None):
+                                      dtype=torch.float64, generator=None, device=None):
     """A random SPD (n, n) "covariance" with round(null_fraction·n) eigenvalues in
     [threshold/1000, threshold/2] (AlphaEdit's null space at that threshold) and the rest in
-    [2·threshold, 1000·threshold], log-spaced, in random orthonormal directions."""
-    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    [2·threshold, 1000·threshold], log-spaced, in random orthonormal directions. The random draw
+    is on the CPU (``generator`` is a CPU generator), the QR and the product on ``device``."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator).to(device))
     r = round(null_fraction * n)
     small = torch.logspace(-3, torch.log10(torch.tensor(0.5)).item(), r, dtype=torch.float64)
     large = torch.logspace(torch.log10(torch.tensor(2.0)).item(), 3, n - r, dtype=torch.float64)
-    eig = torch.cat([small, large]) * threshold
+    eig = torch.cat([small, large]).to(q.device) * threshold
     c = (q * eig) @ q.mT
     return ((c + c.mT) / 2).to(dtype)

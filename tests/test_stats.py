@@ -22,13 +22,6 @@ ARCHS = ["gpt2", "gptj", "llama"]
 VOCAB = 97
 
 
-@pytest.fixture
-def gen():
-    """Fresh random inputs per test, as conftest's ``gen`` (whose ``g.seed_value = ...`` fails on
-    torch 2.13: Generator takes no attributes); the seed is ``gen.initial_seed()``."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-
-
 def word_tokenizer(padding_side="right", bos=True):
     """A word-level tokenizer over "w0".."w93" (ids 3..96); <pad>=0, <s>=1 prepended like Llama's BOS."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors

@@ -108,3 +108,18 @@ def test_removing_keys_never_added_is_refused_and_leaves_the_state(gen):
     with pytest.raises(NotPositiveDefiniteError, match="indefinite"):
         state.add(3 * torch.randn(n, 2, dtype=F64, generator=gen), -1)
     assert torch.equal(state.A, A_before) and state.rank_since_refactor == rank_before
+
+
+def test_cancellation_compares_against_its_own_copy_of_the_keys(gen):
+    n = 97
+    A = random_spd(n, cond=1e2, generator=gen)
+    state = LowRankCholesky(A.clone())
+    V = torch.randn(n, 3, dtype=F64, generator=gen)
+    state.add(V, 1)
+    dense = A + V @ V.mT
+    V.mul_(0.5)  # the caller reuses its buffer: this is not the block that was added
+    state.add(V, -1)
+    dense -= V @ V.mT
+    assert state.rank_since_refactor == 6
+    B = torch.randn(n, 2, dtype=F64, generator=gen)
+    assert_close(state.apply_inverse(B), torch.linalg.solve(dense, B), 1e-10)

@@ -103,9 +103,14 @@ def _syrk_lower_kernel(
         tl.store(s_ptrs, total, mask=s_mask)
 
 
+#: True when TRITON_INTERPRET was set at import: triton.jit then made an interpreted function
+#: (on CPU or CUDA tensors alike), and the launches below adapt to the interpreter.
+_INTERPRETED = not isinstance(_syrk_lower_kernel, triton.runtime.JITFunction)
+
+
 def _config(dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes and launch options: (BLOCK_D, BLOCK_T, num_warps, num_stages)."""
-    if device.type != "cuda":
+    if _INTERPRETED:
         # The interpreter runs each block operation in numpy: few, small programs are fastest.
         return dict(BLOCK_D=32, BLOCK_T=16, num_warps=4, num_stages=1)
     return _gpu_config(dtype, torch.cuda.get_device_capability(device)[0] * 10)
@@ -172,7 +177,7 @@ def syrk_lower_accumulate(x: torch.Tensor, s: torch.Tensor, mask: torch.Tensor |
             x, mask_arg, tiles, s, n_tokens, d_k, x.stride(0), s.stride(0),
             HAS_MASK=has_mask, BLOCK_D=cfg["BLOCK_D"], BLOCK_T=cfg["BLOCK_T"],
             CHUNK=chunk_tokens, PRECISION=_precision(x.dtype),
-            INTERPRETED=x.device.type != "cuda",
+            INTERPRETED=_INTERPRETED,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 

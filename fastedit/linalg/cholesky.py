@@ -30,17 +30,18 @@ def cholesky_ex_torch(A: torch.Tensor):
     """
     L, info = torch.linalg.cholesky_ex(A)
     n = A.shape[-1]
-    pivots = L.diagonal(dim1=-2, dim2=-1).square()
     failed = info > 0
     last = torch.where(failed, info.long() - 1, torch.full_like(info, n - 1, dtype=torch.long))
     cols = torch.arange(n, device=A.device)
-    at_fail = (cols == last.unsqueeze(-1)) & failed.unsqueeze(-1)
-    # Schur-complement pivot of each column from the rows of the partial factor; only the
-    # failing column uses it (elsewhere L_jj² is the same number, computed more accurately).
-    schur = A.diagonal(dim1=-2, dim2=-1) - L.tril(-1).square().sum(-1)
-    pivots = torch.where(at_fail, schur, pivots)
-    pivots = torch.where(cols > last.unsqueeze(-1), torch.full_like(pivots, float("inf")), pivots)
-    return L, info.to(torch.int32), pivots.amin(-1)
+    pivots = L.diagonal(dim1=-2, dim2=-1).square()
+    earlier = pivots.masked_fill(cols >= last.unsqueeze(-1), float("inf")).amin(-1)
+    # The failing column's pivot from its row of the partial factor: O(n) per matrix, where a
+    # pass over the whole factor would cost as much memory traffic as a triangular solve.
+    row = L.gather(-2, last[..., None, None].expand(*last.shape, 1, n)).squeeze(-2)
+    row = torch.where(cols < last.unsqueeze(-1), row, torch.zeros_like(row))
+    a_last = A.diagonal(dim1=-2, dim2=-1).gather(-1, last.unsqueeze(-1)).squeeze(-1)
+    at_last = torch.where(failed, a_last - row.square().sum(-1), pivots.gather(-1, last.unsqueeze(-1)).squeeze(-1))
+    return L, info.to(torch.int32), torch.minimum(earlier, at_last)
 
 
 def cholesky_ex(A: torch.Tensor, *, backend=None):

@@ -54,7 +54,8 @@ def memit_solve(C, K, lam, *, layer=None, jitter=None, backend=None) -> torch.Te
     C (..., d_k, d_k) SPD (the per-token mean covariance), K (..., d_k, n), leading batch dims
     broadcast; λ a float or a tensor broadcastable over the batch dims (one λ per system).
     Returns (..., d_k, n) in the inputs' dtype (float16/bfloat16 are solved in float32).
-    ``layer`` labels errors; ``jitter`` opts in to a diagonal-shift retry (see cholesky_factor).
+    ``layer`` labels errors; ``jitter`` opts in to a diagonal-shift retry (see cholesky_factor);
+    ``backend``: None (auto), "torch" or "ext" (the compiled extension's Cholesky).
     """
     check_float("C", C)
     check_float("K", K)
@@ -73,7 +74,8 @@ def memit_solve(C, K, lam, *, layer=None, jitter=None, backend=None) -> torch.Te
     if out_dtype in _HALF:
         C, K = C.float(), K.float()
     lam = _check_weight("lam", lam, batch, C)
-    L = cholesky_factor(lam * C + K @ K.mT, layer=layer, jitter=jitter, backend=backend, name="λ·C + K Kᵀ")
+    A = torch.addcmul(K @ K.mT, lam, C)
+    L = cholesky_factor(A, layer=layer, jitter=jitter, backend=backend, name="λ·C + K Kᵀ")
     return cholesky_apply_inverse(L, K).to(out_dtype)
 
 
@@ -84,6 +86,9 @@ class UpdateSolver:
     leading batch dims (then K, R, λ, μ carry the same batch dims). λ, μ: floats or tensors
     broadcastable over the batch dims. Everything is computed in ``dtype`` (float64 by default).
     The factor of λC₀ + μI is computed here, once; ``solve`` costs O(d_k²·n) per batch.
+    ``layer`` labels errors, ``jitter`` opts in to a diagonal-shift retry of a non-SPD A (see
+    cholesky_factor), ``backend`` is None (auto), "torch" or "ext".
+    Inspection: ``factor``, ``rank_since_refactor``, ``refactorizations``, ``pivot_ratio()``.
     """
 
     def __init__(self, C0, lam, *, mu=0.0, dtype=torch.float64, layer=None, jitter=None, backend=None):

@@ -96,7 +96,7 @@ class LowRankCholesky:
         self.U, self.Y = empty, empty.clone()
         self.cap = self.A.new_zeros(*self.A.shape[:-2], 0, 0)
         self.signs: list[int] = []
-        self._blocks: list[tuple[torch.Tensor, int]] = []
+        self._blocks: list[tuple[int, int]] = []  # (width, sign) of each key block, in U's order
         self._cap_solve = None
         self.overhead_flops = 0.0
 
@@ -115,13 +115,16 @@ class LowRankCholesky:
         n, m, k = self.n, self.rank_since_refactor, V.shape[-1]
         if k == 0:
             return
-        for i, (W, s) in enumerate(self._blocks):
+        start = 0
+        for i, (width, s) in enumerate(self._blocks):
             # Removing exactly the keys added since the last refactorisation (or re-adding removed
             # ones) cancels their block: the state is then the one before they came, bit for bit.
-            if s == -sign and W.shape == V.shape and torch.equal(W, V):
+            # U holds our own copy of the keys, so a caller mutating K in between cannot fool this.
+            if s == -sign and width == k and torch.equal(self.U[..., start:start + k], V):
                 self.A.add_(V @ V.mT, alpha=sign)
                 self._drop_block(i)
                 return
+            start += width
         YV = cholesky_apply_inverse(self.L, V)
         cross = self.U.mT @ YV
         inner = V.mT @ YV
@@ -136,7 +139,7 @@ class LowRankCholesky:
         self.U = torch.cat([self.U, V], -1)
         self.Y = torch.cat([self.Y, YV], -1)
         self.cap, self.signs = cap, signs
-        self._blocks.append((V, sign))
+        self._blocks.append((k, sign))
         self._cap_solve = None
         self._maybe_refactor()
 
@@ -153,8 +156,8 @@ class LowRankCholesky:
             )
 
     def _drop_block(self, i: int) -> None:
-        start = sum(W.shape[-1] for W, _ in self._blocks[:i])
-        stop = start + self._blocks[i][0].shape[-1]
+        start = sum(width for width, _ in self._blocks[:i])
+        stop = start + self._blocks[i][0]
         keep = torch.cat([torch.arange(start), torch.arange(stop, self.rank_since_refactor)]).to(self.A.device)
         self.U = self.U.index_select(-1, keep)
         self.Y = self.Y.index_select(-1, keep)
@@ -183,7 +186,7 @@ class LowRankCholesky:
         if m:
             flops += 4 * n * m * c + 2 * m * m * c
             if self._cap_solve is None:
-                flops += 2 * m**3 / 3
+                flops += (1 if all(s > 0 for s in self.signs) else 2) * m**3 / 3
         return flops
 
     def apply_inverse(self, B: torch.Tensor) -> torch.Tensor:

@@ -131,7 +131,8 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
             already collected for the same request are loaded, the others computed in one
             pass, and an interrupted pass resumes from its last checkpoint.
         model_name, revision: recorded in (and checked against) the cache; ``model_name``
-            defaults to ``config._name_or_path`` and is required with a cache.
+            defaults to ``config._name_or_path`` and is required with a cache; the revision
+            recorded is ``config._commit_hash`` when the model has one, else ``revision``.
         max_length: truncation length; default the model's context length.
         token_budget: most padded tokens per forward batch (rows × longest row).
         num_samples, seed: read ``num_samples`` documents drawn with ``seed``
@@ -189,7 +190,9 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
     request = {
         "format": cache.FORMAT,
         "model": _model_name(model, model_name),
-        "revision": revision or getattr(getattr(model, "config", None), "_commit_hash", None) or "",
+        # The resolved commit when the model came from the Hub, so "main" today and the same
+        # commit named explicitly key the same cache.
+        "revision": getattr(getattr(model, "config", None), "_commit_hash", None) or revision or "",
         "dataset": source.name,
         "corpus_size": corpus_size,
         "num_samples": "all" if num_samples is None else num_samples,

@@ -1,0 +1,187 @@
+"""Batched teacher-forced scoring of prompt + target pairs, and batched greedy next tokens.
+
+A pair (prompt, target) is tokenised as ``tok(prompt)`` (with the tokenizer's BOS, if any)
+followed by ``tok(" " + target)`` without special tokens, as the references do. The logits at
+position ``len(prompt_ids) - 1 + j`` predict target token ``j``. Pairs are padded into one
+tensor per batch; with left padding the position ids are ``cumsum(mask) - 1`` so every row
+sees the same positions as it would alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from fastedit.errors import InputError
+
+
+@dataclass
+class EncodedPairs:
+    """A padded batch of prompt + target sequences.
+
+    input_ids, attention_mask, position_ids: (B, T). target_ids: (B, L) target tokens
+    (padding = 0), target_pos: (B, L) index of the logits that predict each target token,
+    target_mask: (B, L) True for real target tokens. L is the longest target.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    target_ids: torch.Tensor
+    target_pos: torch.Tensor
+    target_mask: torch.Tensor
+
+
+def _pad_id(tokenizer) -> int:
+    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if cand is not None:
+            return cand
+    return 0
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
+                 padding_side: str = "right") -> EncodedPairs:
+    """Tokenise and pad ``prompts[i] + " " + targets[i]`` (see the module docstring)."""
+    if len(prompts) != len(targets):
+        raise InputError(f"got {len(prompts)} prompts but {len(targets)} targets; pass one target per prompt")
+    if padding_side not in ("left", "right"):
+        raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if len(prompts) == 0:
+        raise InputError("no prompts to score")
+    p_ids = tokenizer(list(prompts))["input_ids"]
+    t_ids = tokenizer([" " + t.lstrip(" ") for t in targets], add_special_tokens=False)["input_ids"]
+    for i, t in enumerate(t_ids):
+        if not t:
+            raise InputError(f"target {i} ({targets[i]!r}) tokenises to nothing; targets must be non-empty")
+    lengths = [len(p) + len(t) for p, t in zip(p_ids, t_ids)]
+    B, T, L = len(prompts), max(lengths), max(len(t) for t in t_ids)
+    input_ids = torch.full((B, T), _pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    target_ids = torch.zeros((B, L), dtype=torch.long)
+    target_pos = torch.zeros((B, L), dtype=torch.long)
+    target_mask = torch.zeros((B, L), dtype=torch.bool)
+    for i, (p, t) in enumerate(zip(p_ids, t_ids)):
+        off = T - lengths[i] if padding_side == "left" else 0
+        input_ids[i, off: off + lengths[i]] = torch.tensor(p + t)
+        mask[i, off: off + lengths[i]] = 1
+        target_ids[i, : len(t)] = torch.tensor(t)
+        target_pos[i, : len(t)] = off + len(p) - 1 + torch.arange(len(t))
+        target_mask[i, : len(t)] = True
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+    return EncodedPairs(input_ids, mask, position_ids, target_ids, target_pos, target_mask)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_pairs(model, enc: EncodedPairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over a padded batch.
+
+    Returns ``nll`` (B,) = -(1/L_i) Σ_j log p(target_ij | prefix) (mean per-token NLL, float64)
+    and ``correct`` (B,) = (1/L_i) Σ_j [argmax logits at target_pos_ij == target_ij], the
+    teacher-forced token accuracy.
+    """
+    dev = _device(model)
+    logits = model(input_ids=enc.input_ids.to(dev), attention_mask=enc.attention_mask.to(dev),
+                   position_ids=enc.position_ids.to(dev)).logits
+    pos = enc.target_pos.to(dev)
+    rows = torch.arange(pos.shape[0], device=dev)[:, None].expand_as(pos)
+    sel = logits[rows, pos].double()  # (B, L, V): only the positions that predict targets
+    logp = torch.log_softmax(sel, dim=-1)
+    tgt = enc.target_ids.to(dev)
+    m = enc.target_mask.to(dev)
+    tok_logp = logp.gather(-1, tgt[..., None])[..., 0]
+    n = m.sum(1).double()
+    nll = -(tok_logp * m).sum(1) / n
+    correct = ((sel.argmax(-1) == tgt) & m).sum(1).double() / n
+    return nll.cpu(), correct.cpu()
+
+
+def _batches(n: int, batch_size: int):
+    if batch_size < 1:
+        raise InputError(f"batch_size must be positive, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+def target_scores(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
+                  batch_size: int = 64, padding_side: str = "right",
+                  progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`score_pairs` over any number of pairs, ``batch_size`` pairs per forward.
+
+    Returns (nll, token_accuracy), each (n,) float64 on the CPU. ``progress`` is an optional
+    tqdm bar advanced by the number of pairs scored.
+    """
+    nll, acc = [], []
+    for sl in _batches(len(prompts), batch_size):
+        enc = encode_pairs(tokenizer, prompts[sl], targets[sl], padding_side=padding_side)
+        a, b = score_pairs(model, enc)
+        nll.append(a)
+        acc.append(b)
+        if progress is not None:
+            progress.update(sl.stop - sl.start)
+    if not nll:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    return torch.cat(nll), torch.cat(acc)
+
+
+def _left_padded(tokenizer, prompts: Sequence[str]):
+    ids = tokenizer(list(prompts))["input_ids"]
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), _pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, T - len(x):] = torch.tensor(x)
+        mask[i, T - len(x):] = 1
+    return input_ids, mask
+
+
+@torch.no_grad()
+def next_token_argmax(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
+    """argmax_v p(v | prompt) for each prompt: (n,) long, left-padded batches."""
+    dev = _device(model)
+    out = []
+    for sl in _batches(len(prompts), batch_size):
+        ids, mask = _left_padded(tokenizer, prompts[sl])
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).logits
+        out.append(logits[:, -1].argmax(-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 50,
+                    batch_size: int = 32) -> list[str]:
+    """Greedy continuations (prompt included) of each prompt, left-padded batches.
+
+    Each step runs one forward over the whole growing batch (no KV cache: generations here
+    are short and this keeps the position handling identical to scoring).
+    """
+    dev = _device(model)
+    eos = tokenizer.eos_token_id
+    texts = []
+    for sl in _batches(len(prompts), batch_size):
+        ids, mask = _left_padded(tokenizer, prompts[sl])
+        ids, mask = ids.to(dev), mask.to(dev)
+        n_prompt = ids.shape[1]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
+        for _ in range(max_new_tokens):
+            pos = (mask.cumsum(1) - 1).clamp_min(0)
+            nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1)
+            if eos is not None:
+                nxt = torch.where(done, torch.full_like(nxt, _pad_id(tokenizer)), nxt)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, (~done).long()[:, None]], 1)
+            if eos is not None:
+                done |= nxt == eos
+                if bool(done.all()):
+                    break
+        for row, m in zip(ids.cpu(), mask.cpu()):
+            prompt_part = row[:n_prompt][m[:n_prompt].bool()]
+            new_part = row[n_prompt:][m[n_prompt:].bool()]
+            texts.append(tokenizer.decode(torch.cat([prompt_part, new_part]).tolist(),
+                                          skip_special_tokens=True))
+    return texts

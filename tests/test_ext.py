@@ -1,0 +1,315 @@
+"""The compiled extension (csrc/, fastedit/_ext.py): build and load, both ops against float64
+dense references, pivot diagnostics, torch.library checks, and the fallback's single warning.
+
+Each semantic test runs on two backends: ``ext`` (the compiled op through torch.ops) and
+``reference`` (the torch composition the wrappers fall back to), so both meet one contract.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastedit import _ext
+from fastedit.errors import ExtensionError, InputError
+from fastedit.testing import assert_close, random_spd, rel_error
+
+SIZES = (1, 6, 31, 67)
+DTYPES = (torch.float64, torch.float32)
+
+
+@pytest.fixture
+def gen(request):
+    """A freshly seeded generator per test, its seed in the test report. Shadows conftest's
+    ``gen``, which sets an attribute torch.Generator does not accept."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    request.node.user_properties.append(("seed", seed))
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """torch.ops.fastedit, built and loaded once for this module."""
+    if os.environ.get("FASTEDIT_NO_EXT") == "1":
+        pytest.skip("FASTEDIT_NO_EXT=1: the extension is deliberately not built")
+    loaded = _ext.load()  # raises under FASTEDIT_REQUIRE_EXT=1 when it cannot load
+    if loaded is None:
+        pytest.skip(f"the extension did not build or load: {_ext._LOADER.error}")
+    return loaded
+
+
+@pytest.fixture(params=["ext", "reference"])
+def backend(request):
+    if request.param == "ext":
+        ops = request.getfixturevalue("ops")
+        return ops.cholesky_ex, ops.woodbury_solve
+    return _ext.cholesky_ex_reference, _ext.woodbury_solve_reference
+
+
+def test_builds_and_loads_on_cpu(ops):
+    assert _ext.available() and _ext.available_for("cpu")
+    path = _ext._LOADER.path
+    assert path.is_file() and path.parent.parent.name == "ext"
+    assert torch.__version__.split("+")[0] in path.parent.name
+    A = torch.eye(3, dtype=torch.float64)
+    L, info, min_pivot = ops.cholesky_ex(A)
+    assert torch.equal(L, A) and info.item() == 0 and min_pivot.item() == 1.0
+
+
+def test_import_does_not_load_the_extension():
+    code = "import fastedit, fastedit._ext, torch; print(hasattr(torch.ops.fastedit, 'cholesky_ex'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# cholesky_ex
+
+
+def _pivots_float64(A: torch.Tensor) -> torch.Tensor:
+    """Every Cholesky pivot d_j = A_jj − A_j,<j A_<j,<j⁻¹ A_<j,j (a Schur complement), in float64,
+    computed without any Cholesky factorisation."""
+    A = A.double()
+    n = A.shape[-1]
+    pivots = [A[..., 0, 0]]
+    for j in range(1, n):
+        head = A[..., :j, :j]
+        col = A[..., :j, j : j + 1]
+        pivots.append(A[..., j, j] - (col.mT @ torch.linalg.solve(head, col))[..., 0, 0])
+    return torch.stack(pivots, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [(), (3,), (2, 2)])
+@pytest.mark.parametrize("n", SIZES)
+def test_cholesky_ex_matches_float64(backend, n, batch, dtype, gen):
+    cholesky_ex = backend[0]
+    A64 = random_spd(n, batch=batch, cond=1e3, generator=gen)
+    A = A64.to(dtype)
+    L, info, min_pivot = cholesky_ex(A)
+    assert L.shape == A.shape and L.dtype == dtype
+    assert info.shape == batch and info.dtype == torch.int32 and min_pivot.shape == batch
+    assert torch.count_nonzero(info) == 0
+    assert torch.count_nonzero(torch.triu(L, diagonal=1)) == 0
+    L64 = torch.linalg.cholesky(A64)
+    pivots64 = torch.diagonal(L64, dim1=-2, dim2=-1) ** 2
+    if dtype == torch.float64:
+        assert_close(L, L64, 1e-6, "L")
+        assert_close(min_pivot, pivots64.amin(-1), 1e-6, "min_pivot")
+    else:
+        L32 = torch.linalg.cholesky(A)
+        bound = max(2 * rel_error(L32, L64), 2 * torch.finfo(dtype).eps)
+        assert_close(L, L64, bound, "L (float32)")
+        torch_pivots = (torch.diagonal(L32, dim1=-2, dim2=-1) ** 2).amin(-1)
+        bound = max(2 * rel_error(torch_pivots, pivots64.amin(-1)), 2 * torch.finfo(dtype).eps)
+        assert_close(min_pivot, pivots64.amin(-1), bound, "min_pivot (float32)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cholesky_ex_diagnostics_in_a_batch(backend, dtype, gen):
+    """Good, indefinite and NaN matrices side by side: each reports its own failing column
+    (1-based) and failing pivot, checked against Schur complements computed here."""
+    cholesky_ex = backend[0]
+    n = 31
+    A = random_spd(n, batch=(6,), cond=1e2, generator=gen)
+    cols = torch.randint(2, n - 1, (4,), generator=gen).tolist()
+    # 1: pivot cols[0] made negative by lowering one diagonal entry past its Schur complement.
+    f = cols[0]
+    A[1, f, f] -= _pivots_float64(A[1])[f] + 0.5 * A[1, f, f]
+    # 2: NaN below the diagonal at (cols[1], 1): the first NaN pivot is column cols[1].
+    A[2, cols[1], 1] = A[2, 1, cols[1]] = float("nan")
+    # 3: NaN on the diagonal at cols[2].
+    A[3, cols[2], cols[2]] = float("nan")
+    # 4: negative definite: the very first pivot fails.
+    A[4] = -A[4]
+    # 5: NaN in the upper triangle only: never read, the matrix factors.
+    A[5, 0, n - 1] = float("nan")
+    A = A.to(dtype).reshape(2, 3, n, n)
+
+    L, info, min_pivot = cholesky_ex(A)
+    assert info.shape == (2, 3) and min_pivot.shape == (2, 3)
+    info, min_pivot = info.reshape(6), min_pivot.reshape(6)
+    assert info.tolist() == [0, cols[0] + 1, cols[1] + 1, cols[2] + 1, 1, 0]
+
+    A64 = A.reshape(6, n, n).double()
+    A64[5] = A64[5].tril() + A64[5].tril(-1).mT
+    pivots = [_pivots_float64(A64[i]) for i in range(6)]
+    expected_good = torch.stack([pivots[0].amin(), pivots[5].amin()])
+    expected_failed = torch.stack([pivots[1][cols[0]], pivots[4][0]])
+    tol = 1e-6 if dtype == torch.float64 else 1e-3
+    assert_close(min_pivot[[0, 5]], expected_good, tol, "smallest pivot of the good matrices")
+    assert_close(min_pivot[[1, 4]], expected_failed, tol, "failing pivot")
+    assert bool((min_pivot[[1, 4]] <= 0).all())
+    assert torch.isnan(min_pivot[2]) and torch.isnan(min_pivot[3])
+    assert torch.isfinite(L.reshape(6, n, n)[[0, 5]]).all()
+
+
+def test_cholesky_ex_empty_and_non_contiguous(backend, gen):
+    cholesky_ex = backend[0]
+    L, info, min_pivot = cholesky_ex(torch.zeros(2, 0, 0, dtype=torch.float64))
+    assert L.shape == (2, 0, 0) and info.tolist() == [0, 0] and min_pivot.tolist() == [float("inf")] * 2
+    A = random_spd(7, batch=(3,), generator=gen)
+    strided = torch.stack(list(A), dim=1).transpose(0, 1)  # equal to A, batch dim not outermost
+    assert not strided.is_contiguous()
+    assert_close(cholesky_ex(strided)[0], torch.linalg.cholesky(strided), 1e-12, "L of a strided A")
+
+
+# ---------------------------------------------------------------------------------------------
+# woodbury_solve
+
+
+def _woodbury_case(n, m, k, batch, gen):
+    """A0 = A_keep + Σ_{s=-1} u uᵀ (so removing those keys leaves an SPD matrix), its factor L,
+    U, s with mixed signs, B, and A = A0 + U diag(s) Uᵀ, all float64."""
+    A_keep = random_spd(n, batch=batch, cond=1e2, generator=gen)
+    U = torch.randn(*batch, n, m, dtype=torch.float64, generator=gen) / n**0.5
+    s = torch.ones(*batch, m, dtype=torch.float64)
+    s[..., 1::2] = -1.0
+    removed = U * (s < 0).unsqueeze(-2)
+    A0 = A_keep + removed @ removed.mT
+    added = U * (s > 0).unsqueeze(-2)
+    A = A_keep + added @ added.mT
+    B = torch.randn(*batch, n, k, dtype=torch.float64, generator=gen)
+    return torch.linalg.cholesky(A0), U, s, B, A
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("m", (0, 1, 7))
+@pytest.mark.parametrize("n", SIZES)
+def test_woodbury_solve_matches_dense_float64(backend, n, m, batch, dtype, gen):
+    woodbury_solve = backend[1]
+    L, U, s, B, A = _woodbury_case(n, m, 5, batch, gen)
+    expected = torch.linalg.solve(A, B)
+    args = [t.to(dtype) for t in (L, U, s, B)]
+    X = woodbury_solve(*args)
+    assert X.shape == B.shape and X.dtype == dtype
+    if dtype == torch.float64:
+        assert_close(X, expected, 1e-6, "X")
+    else:
+        dense32 = rel_error(torch.linalg.solve(A.to(dtype), B.to(dtype)), expected)
+        composition32 = rel_error(_ext.woodbury_solve_reference(*args), expected)
+        assert_close(X, expected, max(2 * dense32, 2 * composition32), "X (float32)")
+
+
+def test_woodbury_solve_zero_columns_of_b(backend, gen):
+    L, U, s, B, _ = _woodbury_case(6, 1, 0, (), gen)
+    assert backend[1](L, U, s, B).shape == (6, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks: InputError from the wrappers, actionable RuntimeErrors at the C++ boundary
+
+
+def test_wrappers_raise_input_error(gen):
+    L, U, s, B, _ = _woodbury_case(5, 2, 3, (), gen)
+    with pytest.raises(InputError, match="square"):
+        _ext.cholesky_ex(torch.zeros(3, 4, dtype=torch.float64))
+    with pytest.raises(InputError, match="float32 or float64"):
+        _ext.cholesky_ex(torch.eye(3, dtype=torch.int64))
+    with pytest.raises(InputError, match="U must have shape"):
+        _ext.woodbury_solve(L, U[:4], s, B)
+    with pytest.raises(InputError, match="s must have shape"):
+        _ext.woodbury_solve(L, U, s[:1], B)
+    with pytest.raises(InputError, match="B must have shape"):
+        _ext.woodbury_solve(L, U, s, B[None])
+    with pytest.raises(InputError, match="one dtype"):
+        _ext.woodbury_solve(L, U.float(), s, B)
+
+
+def test_cpp_boundary_checks(ops, gen):
+    L, U, s, B, _ = _woodbury_case(5, 2, 3, (), gen)
+    with pytest.raises(RuntimeError, match="A must be a .*square"):
+        ops.cholesky_ex(torch.zeros(3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="A must be float32 or float64"):
+        ops.cholesky_ex(torch.eye(3, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="U must have shape"):
+        ops.woodbury_solve(L, U[:4], s, B)
+    with pytest.raises(RuntimeError, match="s must have shape"):
+        ops.woodbury_solve(L, U, s[:1], B)
+    with pytest.raises(RuntimeError, match="B must have shape"):
+        ops.woodbury_solve(L, U, s, B[None])
+    with pytest.raises(RuntimeError, match="use one dtype"):
+        ops.woodbury_solve(L, U.float(), s, B)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library: schema, fake implementations, torch.compile
+
+
+def test_opcheck(ops, gen):
+    A = random_spd(7, batch=(2,), generator=gen)
+    bad = A.clone()
+    bad[1, 3, 3] = -1.0
+    for sample in (A, bad, A[0].float(), A.transpose(-2, -1)):
+        torch.library.opcheck(torch.ops.fastedit.cholesky_ex.default, (sample,))
+    for n, m, batch, dtype in ((9, 3, (2,), torch.float64), (5, 0, (), torch.float64), (6, 1, (), torch.float32)):
+        L, U, s, B, _ = _woodbury_case(n, m, 4, batch, gen)
+        args = tuple(t.to(dtype) for t in (L, U, s, B))
+        torch.library.opcheck(torch.ops.fastedit.woodbury_solve.default, args)
+
+
+def test_torch_compile_fullgraph(ops, gen):
+    L, U, s, B, A = _woodbury_case(9, 3, 4, (), gen)
+    A0 = L @ L.mT
+
+    def solve(A0, U, s, B):
+        L, info, min_pivot = _ext.cholesky_ex(A0)
+        return _ext.woodbury_solve(L, U, s, B), info, min_pivot
+
+    compiled = torch.compile(solve, fullgraph=True, backend="aot_eager")
+    X, info, min_pivot = compiled(A0, U, s, B)
+    assert info.item() == 0 and min_pivot.item() > 0
+    assert_close(X, torch.linalg.solve(A, B), 1e-6, "X through torch.compile")
+
+
+# ---------------------------------------------------------------------------------------------
+# the loader: one warning, or an error when required, when the build fails
+
+
+def _broken_sources(tmp_path):
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    (sources / "ops.cpp").write_text('#error "deliberately broken source for a test"\n')
+    (sources / "ops.h").write_text("")
+    (sources / "kernels.h").write_text("")
+    return sources
+
+
+def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.delenv("FASTEDIT_REQUIRE_EXT", raising=False)
+    monkeypatch.delenv("FASTEDIT_NO_EXT", raising=False)
+    loader = _ext._Loader(sources=_broken_sources(tmp_path), root=tmp_path / "cache")
+    with pytest.warns(_ext.ExtensionWarning, match="could not be built") as record:
+        assert loader.load() is None
+        assert loader.load() is None
+    assert len([w for w in record if issubclass(w.category, _ext.ExtensionWarning)]) == 1
+    assert "deliberately broken" in loader.error
+
+
+def test_failed_build_raises_when_required(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTEDIT_REQUIRE_EXT", "1")
+    monkeypatch.delenv("FASTEDIT_NO_EXT", raising=False)
+    loader = _ext._Loader(sources=_broken_sources(tmp_path), root=tmp_path / "cache")
+    with pytest.raises(ExtensionError, match="could not be built"):
+        loader.load()
+
+
+def test_no_ext_skips_the_build_silently(tmp_path, monkeypatch, recwarn):
+    monkeypatch.setenv("FASTEDIT_NO_EXT", "1")
+    loader = _ext._Loader(sources=_broken_sources(tmp_path), root=tmp_path / "cache")
+    assert loader.load() is None
+    assert not (tmp_path / "cache").exists()
+    assert not [w for w in recwarn if issubclass(w.category, _ext.ExtensionWarning)]
+
+
+def test_cli_build_ext_reports_the_library(ops, capsys):
+    from fastedit.cli import main
+
+    assert main(["build-ext"]) == 0
+    out = capsys.readouterr().out
+    assert str(_ext._LOADER.path) in out and "CPU" in out
