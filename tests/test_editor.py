@@ -15,19 +15,24 @@ from fastedit.errors import EditError, InputError
 # runner-up, see _editing_world.firm) that must keep it through the edit.
 HELD_KEPT = 0.75
 
-CASES = [(arch, method, strategy) for arch in ("gpt2", "gptj", "llama")
-         for method in ("memit", "memit_seq", "alphaedit") for strategy in ("distribute", "blue")]
+# Every architecture × {MEMIT, AlphaEdit} × {distribute, BLUE}, NAS on for half of them; MEMIT_seq
+# (the same update as MEMIT on a first batch) on Llama only, with and without NAS.
+CASES = [(arch, method, strategy, nas) for arch in ("gpt2", "gptj", "llama")
+         for method, strategy, nas in [("memit", "distribute", False), ("memit", "blue", True),
+                                       ("alphaedit", "distribute", True), ("alphaedit", "blue", False)]]
+CASES += [("llama", "memit_seq", "distribute", True), ("llama", "memit_seq", "blue", False),
+          ("llama", "alphaedit", "blue", True)]
 
 
-@pytest.mark.parametrize("arch,method,strategy", CASES)
-def test_edits_land_and_unrelated_predictions_survive(arch, method, strategy):
+@pytest.mark.parametrize("arch,method,strategy,nas", CASES)
+def test_edits_land_and_unrelated_predictions_survive(arch, method, strategy, nas):
     tok = W.tokenizer()
     model = W.model(arch)
     hp = presets.get("tiny", method=method, strategy=strategy)
     stats = W.covariances(model, hp.layers)
     held, held_before = W.firm(model, tok, W.HELD)
     assert len(held) >= 10
-    editor = Editor(model, tok, method=method, strategy=strategy, hparams=hp, stats=stats, progress=False)
+    editor = Editor(model, tok, method=method, strategy=strategy, nas=nas, hparams=hp, stats=stats, progress=False)
     report = editor.edit(W.REQUESTS, batch_size=len(W.REQUESTS))
     got = W.top1(model, tok, [r.text for r in W.REQUESTS])
     assert got == [W.target_id(tok, r) for r in W.REQUESTS]
