@@ -196,3 +196,69 @@ def test_stats_directory_from_fastedit_stats(tmp_path):
     torch.testing.assert_close(a * a.shape[0], stats[1], rtol=1e-10, atol=1e-12)
     with pytest.raises(InputError, match="layer_3"):
         Editor(model, tok, method="memit", hparams=hp, layers=(3,), stats=tmp_path, progress=False).covariance(3)
+
+
+def _records(requests):
+    return [{"case_id": r.case_id, "requested_rewrite": {"prompt": r.prompt, "subject": r.subject,
+                                                         "target_new": {"str": r.target_new},
+                                                         "target_true": {"str": "Paris"}}} for r in requests]
+
+
+def test_cli_edits_saves_the_model_and_a_report(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from fastedit.cli import main
+    from fastedit.linalg import CovarianceAccumulator
+
+    tok, model = W.tokenizer(), W.model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    hp = presets.get("tiny")
+    stats_dir = tmp_path / "stats"
+    stats_dir.mkdir()
+    for l, C in W.covariances(model, hp.layers).items():
+        acc = CovarianceAccumulator(C.shape[0])
+        acc.update(torch.linalg.cholesky(C).T.contiguous())
+        acc.save(stats_dir / f"layer_{l}.safetensors", {"layer": l})
+    (tmp_path / "req.json").write_text(json.dumps(_records(W.REQUESTS)))
+    common = ["edit", "--model", str(tmp_path / "model"), "--requests", str(tmp_path / "req.json"), "--preset", "tiny",
+              "--device", "cpu", "--no-progress"]
+    out = tmp_path / "out"
+    assert main([*common, "--method", "memit", "--stats", str(stats_dir), "--out", str(out), "--batch-size", "2"]) == 0
+    report = json.loads((out / "edit_report.json").read_text())
+    assert report["n_edited"] == len(W.REQUESTS) and len(report["batches"]) == 2
+    edited = AutoModelForCausalLM.from_pretrained(out)
+    assert W.top1(edited, tok, [r.text for r in W.REQUESTS]) == [W.target_id(tok, r) for r in W.REQUESTS]
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "o2")]) == 2
+    assert "--stats" in capsys.readouterr().err
+    assert main([*common[:4], str(tmp_path / "missing.json"), *common[5:], "--stats", str(stats_dir),
+                 "--out", str(tmp_path / "o3")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert main(["edit", "--model", str(tmp_path / "model"), "--requests", str(tmp_path / "req.json"),
+                 "--stats", str(stats_dir), "--out", str(tmp_path / "o4")]) == 2
+    assert "--preset" in capsys.readouterr().err
+
+
+def test_guess_preset_from_model_names():
+    from fastedit.editing.cli import guess_preset
+
+    assert guess_preset("gpt2-xl") == "gpt2-xl"
+    assert guess_preset("EleutherAI/gpt-j-6B") == "gpt-j-6b"
+    assert guess_preset("meta-llama/Meta-Llama-3-8B-Instruct") == "llama3-8b"
+    assert guess_preset("/models/tiny") is None
+
+
+def test_presets_match_the_reference_hyperparameters():
+    for name, layers, lam, steps, lr, blue_l2 in [("gpt2-xl", (13, 14, 15, 16, 17), 20000, 20, 0.5, 80),
+                                                   ("gpt-j-6b", (3, 4, 5, 6, 7, 8), 15000, 25, 0.5, 95),
+                                                   ("llama3-8b", (4, 5, 6, 7, 8), 15000, 25, 0.1, 1)]:
+        p = presets.get(name)
+        assert (p.layers, p.lam, p.v_num_grad_steps, p.v_lr) == (layers, lam, steps, lr)
+        assert p.boundary_layers == (layers[0], layers[-1])
+        assert (p.clamp_norm_factor, p.kl_factor, p.v_weight_decay, p.nullspace_threshold) == (0.75, 0.0625, 0.5, 2e-2)
+        assert presets.get(name, method="alphaedit").L2 == 10
+        assert presets.get(name, method="alphaedit", strategy="blue").L2 == blue_l2
+        assert presets.get(name, method="memit", strategy="blue").L2 == 10
+    with pytest.raises(InputError, match="known presets"):
+        presets.get("gpt5")
