@@ -3,7 +3,7 @@ next to the faithful MEMIT baseline (one-edit-at-a-time v*, per-layer keys, floa
 
 CPU (default, a CI smoke test): the shipped testbed Llama (4 layers, width 128), its edit layers,
 12 testbed facts in 3 batches of 4, float32; C0 from fastedit.stats over the testbed's generic
-corpus. CUDA (when available): a random Llama3-8B-shaped model (hidden 4096, intermediate 14336,
+corpus (about 2500 tokens, d_k = 512). CUDA (when available): a random Llama3-8B-shaped model (hidden 4096, intermediate 14336,
 GQA 32/8, vocab 128256) with only the first 9 layers, bf16, layers 4-8 (BLUE: 4 and 8), the
 testbed's tokenizer and facts: 2000 edits in 20 batches of 100 for each fastedit method; the
 baseline, whose v* runs one edit at a time, is timed on the first batch of 100 next to MEMIT on
@@ -24,7 +24,7 @@ from fastedit.stats import collect_stats
 
 CONFIGS = {
     "cpu": dict(n_edits=12, batch=4, baseline_edits=12, corpus_docs=64, rounds=1),
-    "cuda": dict(n_edits=2000, batch=100, baseline_edits=100, corpus_docs=48, rounds=1,
+    "cuda": dict(n_edits=2000, batch=100, baseline_edits=100, corpus_docs=40, rounds=1,
                  model=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=9, num_attention_heads=32,
                             num_key_value_heads=8, max_position_embeddings=8192, vocab_size=128256),
                  layers=(4, 5, 6, 7, 8)),
@@ -46,8 +46,15 @@ def setup():
         model = base_model
         hp = presets.get("tiny").replace(layers=tuple(testbed.edit_layers("llama")))
     requests = requests_from_records(testbed.records(cfg["n_edits"]))
-    docs = list(testbed.generic_corpus(cfg["corpus_docs"]))
-    stats = collect_stats(model, tok, list(hp.layers), docs, progress=False)
+    if kind == "cuda":
+        # random token documents: a random model has no language, and C0 (d_k = 14336) needs more
+        # tokens than d_k to be full rank (40 × 1024 here)
+        gen = torch.Generator().manual_seed(0)
+        docs = torch.randint(0, cfg["model"]["vocab_size"], (cfg["corpus_docs"], 1024), generator=gen).tolist()
+        stats = collect_stats(model, None, list(hp.layers), docs, progress=False)
+    else:
+        stats = collect_stats(model, tok, list(hp.layers), list(testbed.generic_corpus(cfg["corpus_docs"])),
+                              progress=False)
     covariances = {l: acc.mean() for l, acc in stats.items()}
     return dict(kind=kind, cfg=cfg, model=model, tok=tok, hp=hp, requests=requests, covariances=covariances,
                 weights={l: get_adapter(model).weight_param(l).detach().clone() for l in hp.layers})
