@@ -88,13 +88,10 @@ class AlphaEditSolver(LayerSolver):
         return self.impl.solve(K, R, self.alpha)
 
     def accumulate(self, K, sign=1):
-        if sign == 1:
-            self.impl.accumulate(K)
-        else:
-            self.impl.accumulate(K, sign=sign)
+        self.impl.accumulate(K, sign=sign)
 
 
-def make_solver(method: str, C0: torch.Tensor, hparams, layer: int, strategy: str = "distribute") -> LayerSolver:
+def make_solver(method: str, C0: torch.Tensor, hparams, layer: int) -> LayerSolver:
     """The :class:`LayerSolver` of ``method`` for one layer with covariance C0 (d_k, d_k)."""
     if method == "memit":
         return MemitSolver(C0, hparams.lam, layer=layer)
