@@ -229,6 +229,14 @@ def test_cli_edits_saves_the_model_and_a_report(tmp_path, capsys):
     assert report["n_edited"] == len(W.REQUESTS) and len(report["batches"]) == 2
     edited = AutoModelForCausalLM.from_pretrained(out)
     assert W.top1(edited, tok, [r.text for r in W.REQUESTS]) == [W.target_id(tok, r) for r in W.REQUESTS]
+    # without --stats, --corpus collects them first (fastedit.stats)
+    corpus = tmp_path / "corpus.txt"
+    g = torch.Generator().manual_seed(0)
+    corpus.write_text("\n".join(" ".join(W.WORDS[int(i)] for i in torch.randint(0, len(W.WORDS), (12,), generator=g))
+                                 for _ in range(60)))
+    assert main([*common, "--method", "alphaedit", "--strategy", "blue", "--corpus", str(corpus),
+                 "--out", str(tmp_path / "o1")]) == 0
+    assert json.loads((tmp_path / "o1" / "edit_report.json").read_text())["config"]["strategy"] == "blue"
     capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "o2")]) == 2
     assert "--stats" in capsys.readouterr().err
