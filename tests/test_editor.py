@@ -270,3 +270,30 @@ def test_presets_match_the_reference_hyperparameters():
         assert presets.get(name, method="memit", strategy="blue").L2 == 10
     with pytest.raises(InputError, match="known presets"):
         presets.get("gpt5")
+
+
+def test_a_failed_rollback_blocks_further_edits_until_restore(monkeypatch):
+    ed = _editor("memit_seq", "distribute")
+    before = W.weights(ed.model)
+    ed.edit(W.REQUESTS[:1], batch_size=1)
+    l0, l1 = ed.edit_layers
+
+    def fail(K, sign=1):
+        raise RuntimeError("accumulate failed")
+
+    def fail_undo(K, sign=1):
+        if sign == -1:
+            raise RuntimeError("undo failed")
+
+    # the last layer's accumulate fails, then so does undoing the first layer's
+    monkeypatch.setattr(ed._solvers[l1], "accumulate", fail)
+    monkeypatch.setattr(ed._solvers[l0], "accumulate", fail_undo)
+    with pytest.raises(EditError, match="stage 'state'"):
+        ed.edit(W.REQUESTS[1:2], batch_size=1)
+    with pytest.raises(EditError, match="restore") as info:
+        ed.edit(W.REQUESTS[2:3], batch_size=1)
+    assert info.value.stage == "state"
+    ed.restore()
+    W.assert_unchanged(ed.model, before)
+    monkeypatch.undo()
+    ed.edit(W.REQUESTS[2:3], batch_size=1)  # usable again, with fresh solvers
