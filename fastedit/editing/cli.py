@@ -15,19 +15,9 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-import torch
 
 from fastedit.errors import InputError
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def _layers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers such as 4,5,6; got {text!r}")
-
+from fastedit.loading import DTYPES, layer_list, load_model
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face model name or local directory")
@@ -41,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--regularizer", choices=["rect", "prune"], default=None)
     parser.add_argument("--batch-size", type=int, default=100, help="edits per sequential batch (default 100)")
     parser.add_argument("--preset", default=None, help="hyperparameter preset (default: from the model name)")
-    parser.add_argument("--layers", type=_layers, default=None, help="override the preset's critical layers")
+    parser.add_argument("--layers", type=layer_list, default=None, help="override the preset's critical layers")
     parser.add_argument("--stats", default=None, help="directory with layer_<l>.safetensors from `fastedit stats`")
     parser.add_argument("--corpus", default=None,
                         help="without --stats: collect the statistics over this corpus first (file or dataset name)")
@@ -49,7 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="cache for statistics (with --corpus) and NAS anchors")
     parser.add_argument("--out", required=True, help="output directory for the edited model and edit_report.json")
     parser.add_argument("--device", default=None, help="device, e.g. cuda, cpu (default: cuda if available)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="load dtype (default bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -86,7 +76,6 @@ def _check_args(args) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import transformers
 
     from fastedit import presets
     from fastedit.editing.editor import Editor
@@ -101,14 +90,7 @@ def run(args: argparse.Namespace) -> int:
         hparams = hparams.replace(layers=tuple(args.layers), blue_layers=None)
     requests = requests_from_records(load_records(args.requests, format=args.format, limit=args.limit))
 
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, **{_dtype_kw(): dtype})
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load model {args.model!r}: {exc}") from None
-    model.to(device).eval()
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
 
     if args.stats is not None:
         stats = args.stats
@@ -132,11 +114,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"edited {d['n_edited']} of {len(requests)} requests ({d['n_dropped']} dropped by NAS) in "
           f"{d['seconds']:.1f}s with {args.method}/{args.strategy}; saved to {out}")
     return 0
-
-
-def _dtype_kw() -> str:
-    """transformers >= 4.56 names the load dtype ``dtype``; older versions ``torch_dtype``."""
-    import transformers
-
-    major, minor = (int("".join(c for c in p if c.isdigit()) or 0) for p in transformers.__version__.split(".")[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"

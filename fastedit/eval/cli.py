@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 from fastedit.errors import InputError
+from fastedit.loading import load_model
 
 
 def configure(parser) -> None:
@@ -27,28 +28,6 @@ def configure(parser) -> None:
     parser.add_argument("--out", default=None, help="write the full report (with per-case results) as JSON here")
 
 
-def load_model(name: str, device=None, dtype: str = "float32"):
-    """(model, tokenizer) from a local directory or the bundled testbed ('testbed[:arch]')."""
-    import torch
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = getattr(torch, dtype)
-    if name == "testbed" or name.startswith("testbed:"):
-        from fastedit import testbed
-
-        return testbed.load(name.partition(":")[2] or "llama", device=dev, dtype=torch_dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = pathlib.Path(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=path.exists())
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=path.exists())
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot load model {name!r}: {first}") from None
-    return model.to(dev).eval(), tokenizer
-
-
 def run(args) -> int:
     from fastedit.editing.requests import load_records
     from fastedit.eval import evaluate
@@ -56,7 +35,7 @@ def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be positive, got {args.limit}")
     records = load_records(args.records, format=args.format, limit=args.limit)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     kwargs = dict(batch_size=args.batch_size, padding_side=args.padding_side)
     if records[0]["format"] == "counterfact":
         kwargs.update(fluency=args.fluency, snippets=args.snippets)

@@ -13,24 +13,14 @@ import os
 
 import torch
 
-from fastedit.errors import InputError
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def _layers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers such as 4,5,6; got {text!r}")
-
+from fastedit.loading import DTYPES, layer_list, load_model
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from fastedit.stats.collect import DEFAULT_CHECKPOINT_EVERY, DEFAULT_TOKEN_BUDGET
 
     parser.add_argument("--model", required=True, help="Hugging Face model name or local directory")
     parser.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
-    parser.add_argument("--layers", required=True, type=_layers, help="comma-separated layer indices, e.g. 4,5,6")
+    parser.add_argument("--layers", required=True, type=layer_list, help="comma-separated layer indices, e.g. 4,5,6")
     parser.add_argument("--corpus", required=True,
                         help="a .txt (one document per line) or .jsonl file, or a dataset name: wikipedia, "
                              "wikitext or name:config (needs `pip install datasets`)")
@@ -48,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="statistics cache (default $FASTEDIT_CACHE_DIR/stats or ~/.cache/fastedit/stats)")
     parser.add_argument("--rewrite", default=None,
                         help="rewrite-module name template for unknown architectures, e.g. model.layers.{}.mlp.down_proj")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype to load the model in (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default=None, help="device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true", help="recompute even if statistics are cached")
@@ -76,8 +66,6 @@ def _init_distributed() -> bool:
 
 
 def _collect(args) -> int:
-    import transformers
-
     from fastedit.stats.cache import default_cache_dir, layer_path, stats_dir
     from fastedit.stats.collect import collect_stats
     from fastedit.stats.distributed import world
@@ -90,16 +78,7 @@ def _collect(args) -> int:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, revision=args.revision)
-        # transformers >= 4.56 names the load dtype `dtype`; older versions `torch_dtype`.
-        dtype_kw = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, revision=args.revision,
-                                                                  **{dtype_kw: dtype})
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load model {args.model!r}: {exc}") from None
-    model.to(device).eval()
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, revision=args.revision)
     cache_dir = args.cache_dir or default_cache_dir()
     stats = collect_stats(model, tokenizer, args.layers, args.corpus, cache_dir=cache_dir, model_name=args.model,
                           revision=args.revision, max_length=args.max_length, token_budget=args.token_budget,
@@ -111,11 +90,3 @@ def _collect(args) -> int:
             where = layer_path(stats_dir(cache_dir, args.model, acc.metadata["dataset"]), layer)
             print(f"layer {layer}: {acc.count} tokens, d_k={acc.d_k} -> {where}")
     return 0
-
-
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split(".")[:2]:
-        digits = "".join(c for c in piece if c.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
