@@ -119,11 +119,3 @@ def assert_unchanged(model, before: dict) -> None:
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n]), f"parameter {n} changed"
 
-
-def fresh_generator() -> torch.Generator:
-    """A freshly seeded generator (the seed is printed, so a failure can be replayed)."""
-    import os
-
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"generator seed {seed}")
-    return torch.Generator().manual_seed(seed)

@@ -14,8 +14,7 @@ from fastedit.errors import InputError
 from fastedit.testing import assert_close
 
 
-def test_apply_anchor_drops_outliers_and_rescales_the_rest():
-    gen = W.fresh_generator()
+def test_apply_anchor_drops_outliers_and_rescales_the_rest(gen):
     n, d, mu = 37, 13, 2.5
     h = torch.randn(n, d, dtype=torch.float64, generator=gen)
     v0 = torch.randn(n, d, dtype=torch.float64, generator=gen)

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from _editing_world import fresh_generator
 
 from fastedit.editing.regularizers import prune_restrain, rect, rect_mask
 from fastedit.errors import InputError
@@ -8,8 +7,7 @@ from fastedit.testing import assert_close
 
 
 @pytest.mark.parametrize("keep", [0.4, 0.25, 1.0])
-def test_rect_keeps_exactly_the_top_fraction_of_relative_change(keep):
-    gen = fresh_generator()
+def test_rect_keeps_exactly_the_top_fraction_of_relative_change(keep, gen):
     d, d_k = 13, 29
     W = torch.randn(d, d_k, dtype=torch.float64, generator=gen)
     dW = torch.randn(d, d_k, dtype=torch.float64, generator=gen)
@@ -32,8 +30,7 @@ def test_rect_rejects_bad_input():
         rect(torch.zeros(3, 4), torch.zeros(3, 4), keep=0.0)
 
 
-def test_prune_maps_large_singular_values_and_keeps_the_rest():
-    gen = fresh_generator()
+def test_prune_maps_large_singular_values_and_keeps_the_rest(gen):
     d, d_k = 11, 23
     W0 = torch.randn(d, d_k, dtype=torch.float64, generator=gen)
     s0 = torch.linalg.matrix_norm(W0, ord=2)
