@@ -187,7 +187,10 @@ def test_woodbury_solve_matches_dense_float64(backend, n, m, batch, dtype, gen):
     else:
         dense32 = rel_error(torch.linalg.solve(A.to(dtype), B.to(dtype)), expected)
         composition32 = rel_error(woodbury_solve_torch(*args), expected)
-        assert_close(X, expected, max(2 * dense32, 2 * composition32), "X (float32)")
+        # A floor of 2 ulp as in the Cholesky test: at n = 1 torch's float32 result can be exact
+        # by luck (seen: 8e-8 against 1.5e-7 for the compiled op, seed 2782667346).
+        bound = max(2 * dense32, 2 * composition32, 2 * torch.finfo(dtype).eps)
+        assert_close(X, expected, bound, "X (float32)")
 
 
 def test_woodbury_solve_zero_columns_of_b(backend, gen):

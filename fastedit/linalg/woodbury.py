@@ -195,7 +195,9 @@ class LowRankCholesky:
         """A⁻¹ B for the current A. B (..., n, c)."""
         self._maybe_refactor()
         m, c = self.rank_since_refactor, B.shape[-1]
-        if resolve_backend(self.backend, "woodbury_solve") == "ext":
+        # Only when asked for: the compiled op recomputes L⁻¹U (n²·m flops) that self.Y caches,
+        # so the cached torch path is the faster one once U has as many columns as B.
+        if self.backend is not None and resolve_backend(self.backend, "woodbury_solve") == "ext":
             s = torch.tensor(self.signs, dtype=B.dtype, device=B.device).expand(*self.U.shape[:-2], m)
             return _ext.woodbury_solve(self.L, self.U, s, B)
         Z = cholesky_apply_inverse(self.L, B)
