@@ -315,9 +315,9 @@ def woodbury_solve(L: torch.Tensor, U: torch.Tensor, s: torch.Tensor, B: torch.T
     Kept as a compiled op because it wins: the backward solve on U's m columns is never done
     (n²(m + 2k) triangular-solve flops instead of 2n²(m + k) for cholesky_solve on [U B]),
     the capacitance and Uᵀ A0⁻¹ B come from one GEMM, the subtraction is fused into it, and one
-    call replaces about ten Python-dispatched ops. CPU, float64, against the torch composition
-    (benchmarks/bench_ext.py): n = 2049, m = k = 100: 56 ms vs 127 ms; n = 129, m = 7, k = 5:
-    54 µs vs 72 µs.
+    call replaces about ten Python-dispatched ops. CPU, float64, one thread, against
+    woodbury_solve_torch (benchmarks/bench_ext.py): n = 2049, m = k = 100: 48 ms vs 62 ms (median);
+    n = 129, m = 7, k = 5: 55 µs vs 86 µs (min).
     """
     from fastedit.linalg._checks import check_woodbury_inputs
     from fastedit.linalg.woodbury import woodbury_solve_torch
