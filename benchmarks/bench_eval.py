@@ -5,8 +5,6 @@ Small by default (CI smoke test); ``FASTEDIT_BENCH_SIZE=full`` or a GPU scores 2
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -16,16 +14,11 @@ from fastedit.editing.requests import load_records
 from fastedit.eval import evaluate_counterfact
 
 
-def _n_cases() -> int:
-    size = os.environ.get("FASTEDIT_BENCH_SIZE") or ("gpu" if torch.cuda.is_available() else "small")
-    return 8 if size == "small" else 2000
-
-
 @pytest.fixture(scope="module")
-def setup():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def setup(device, bench_size):
     model, tok = testbed.load("llama", device=device)
-    recs = load_records(testbed.records(min(_n_cases(), len(testbed.records())), seed=0))
+    n_cases = bench_size.pick(small=8, full=2000, gpu=2000)
+    recs = load_records(testbed.records(min(n_cases, len(testbed.records())), seed=0))
     cases = []
     for r in recs:
         rr = r["requested_rewrite"]
@@ -34,24 +27,22 @@ def setup():
     return model, tok, recs, cases
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def test_counterfact_baseline(benchmark, setup):
-    model, tok, recs, cases = setup
+def _info(benchmark, recs, role):
     benchmark.group = f"counterfact scoring, {len(recs)} cases"
-    benchmark.extra_info["cases"] = len(recs)
-    res = benchmark(lambda: (counterfact_nll_per_case(model, tok, cases), _sync()))
-    assert len(res[0]) == len(recs)
+    benchmark.extra_info.update(role=role, op="counterfact scoring", cases=len(recs))
 
 
-def test_counterfact_fastedit(benchmark, setup):
+def test_counterfact_baseline(benchmark, setup, timed):
     model, tok, recs, cases = setup
-    benchmark.group = f"counterfact scoring, {len(recs)} cases"
-    benchmark.extra_info["cases"] = len(recs)
-    rep = benchmark(lambda: evaluate_counterfact(model, tok, recs, batch_size=256, progress=False))
+    _info(benchmark, recs, "baseline")
+    res = benchmark(timed(counterfact_nll_per_case), model, tok, cases)
+    assert len(res) == len(recs)
+
+
+def test_counterfact_fastedit(benchmark, setup, timed):
+    model, tok, recs, cases = setup
+    _info(benchmark, recs, "fastedit")
+    rep = benchmark(timed(lambda: evaluate_counterfact(model, tok, recs, batch_size=256, progress=False)))
     # Same numbers as the baseline, so the two timings compare equal work.
     ref = counterfact_nll_per_case(model, tok, cases[:3])
     for case, r in zip(rep["cases"], ref):

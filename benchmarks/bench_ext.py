@@ -1,13 +1,13 @@
 """Compiled ops (csrc/) against the torch compositions they replace, side by side per group.
 
-    python -m pytest benchmarks/bench_ext.py --benchmark-enable --benchmark-group-by=group
+    FASTEDIT_BENCH_SIZE=full python -m pytest benchmarks/bench_ext.py --benchmark-enable \
+        --benchmark-only --benchmark-group-by=group
 
 cholesky_ex: torch.linalg.cholesky_ex alone (no diagnostics: the floor), the torch composition
-that adds the diagnostics (fastedit._ext.cholesky_ex_reference) and the compiled op.
-woodbury_solve: the torch composition (cholesky_solve on [U B], capacitance, LU; the method as
-written in ALGORITHMS.md §2) and the compiled op. Small CPU sizes always (each runs once as a
-smoke test in CI, where benchmarks are disabled), medium CPU sizes with --benchmark-enable,
-GPU sizes too when CUDA is available.
+that adds the diagnostics (fastedit.linalg.cholesky.cholesky_ex_torch) and the compiled op.
+woodbury_solve: the torch composition (two triangular solves on [U B], capacitance, LU; the method as
+written in ALGORITHMS.md §2) and the compiled op. Shapes follow the bench size: small (the CI
+smoke test, each entry runs once), full (medium CPU sizes), gpu (with CUDA).
 """
 from __future__ import annotations
 
@@ -17,30 +17,30 @@ import pytest
 import torch
 
 from fastedit import _ext
+from fastedit.linalg.cholesky import cholesky_ex_torch
+from fastedit.linalg.woodbury import woodbury_solve_torch
 from fastedit.testing import assert_close
 
-# (n, batch, dtype) and (n, m, k, dtype). The medium CPU sizes run only when benchmarks are
-# enabled, so the CI smoke run (benchmarks disabled) stays at the small ones.
-CPU_CHOLESKY = [(65, 5, torch.float64)]
-CPU_CHOLESKY_MEDIUM = [(1025, 5, torch.float64)]
-GPU_CHOLESKY = [(1025, 5, torch.float64), (4097, 1, torch.float64), (14337, 1, torch.float32)]
-CPU_WOODBURY = [(129, 7, 5, torch.float64)]
-CPU_WOODBURY_MEDIUM = [(2049, 100, 100, torch.float64)]
-GPU_WOODBURY = [(4097, 100, 100, torch.float64), (14337, 100, 100, torch.float64)]
+# Shapes per bench size (conftest's FASTEDIT_BENCH_SIZE): small runs once as the CI smoke test.
+CHOLESKY_SIZES = {
+    "small": [dict(n=65, batch=5, dtype="float64")],
+    "full": [dict(n=1025, batch=5, dtype="float64")],
+    "gpu": [dict(n=1025, batch=5, dtype="float64"), dict(n=4097, batch=1, dtype="float64"),
+            dict(n=14337, batch=1, dtype="float32")],
+}
+WOODBURY_SIZES = {
+    "small": [dict(n=129, m=7, k=5, dtype="float64")],
+    "full": [dict(n=2049, m=100, k=100, dtype="float64")],
+    "gpu": [dict(n=4097, m=100, k=100, dtype="float64"), dict(n=14337, m=100, k=100, dtype="float64")],
+}
 
 
 def pytest_generate_tests(metafunc):
-    options = metafunc.config.option
-    medium = getattr(options, "benchmark_enable", False) or not getattr(options, "benchmark_disable", True)
-    if metafunc.function.__name__ == "test_cholesky_ex":
-        cpu, gpu, names = CPU_CHOLESKY + medium * CPU_CHOLESKY_MEDIUM, GPU_CHOLESKY, "device,n,batch,dtype"
-    else:
-        cpu, gpu, names = CPU_WOODBURY + medium * CPU_WOODBURY_MEDIUM, GPU_WOODBURY, "device,n,m,k,dtype"
-    cases = [pytest.param("cpu", *case, id=f"cpu-{'-'.join(map(str, case))}") for case in cpu]
-    # tests/conftest.py's skip of `cuda` items does not reach benchmarks/: skip here too.
-    gpu_marks = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-    cases += [pytest.param("cuda", *case, id=f"cuda-{'-'.join(map(str, case))}", marks=gpu_marks) for case in gpu]
-    metafunc.parametrize(names, cases)
+    # Two shape tables in one file, so `size` is parametrised here rather than by conftest's SIZES.
+    table = CHOLESKY_SIZES if metafunc.function.__name__ == "test_cholesky_ex" else WOODBURY_SIZES
+    sizes = table[metafunc.config._fastedit_bench["size"]]
+    ids = ["-".join(f"{k}={v}" for k, v in size.items()) for size in sizes]
+    metafunc.parametrize("size", sizes, ids=ids)
 
 
 @functools.lru_cache(maxsize=2)
@@ -52,46 +52,40 @@ def _spd(n, batch, dtype, device):
     return (G @ G.mT / n + torch.eye(n, dtype=torch.float64)).to(device, dtype)
 
 
-def _timed(fn, device):
-    if device == "cuda":
-
-        def run():
-            out = fn()
-            torch.cuda.synchronize()
-            return out
-
-        return run
-    return fn
-
-
 def _need_compiled(device):
     if not _ext.available_for(device):
         pytest.skip(f"compiled ops unavailable on {device}: {_ext._LOADER.error or _ext._LOADER.cuda_error}")
 
 
-@pytest.mark.parametrize("impl", ["torch.linalg.cholesky_ex", "torch composition", "fastedit compiled"])
-def test_cholesky_ex(benchmark, impl, device, n, batch, dtype):
+# torch.linalg.cholesky_ex alone has no role: it lacks the diagnostics (the floor, not a baseline).
+@pytest.mark.parametrize("impl,role", [("torch.linalg.cholesky_ex", None), ("torch composition", "baseline"),
+                                       ("fastedit compiled", "fastedit")])
+def test_cholesky_ex(benchmark, impl, role, size, device, timed):
+    n, batch, dtype = size["n"], size["batch"], getattr(torch, size["dtype"])
     A = _spd(n, (batch,), dtype, device).clone()
     A[0, n // 2, n // 2] = -1.0  # one failed matrix, so the diagnostics do their full work
     if impl == "torch.linalg.cholesky_ex":
-        fn = lambda: torch.linalg.cholesky_ex(A)  # noqa: E731
+        fn = torch.linalg.cholesky_ex
     elif impl == "torch composition":
-        fn = lambda: _ext.cholesky_ex_reference(A)  # noqa: E731
+        fn = cholesky_ex_torch
     else:
         _need_compiled(device)
-        fn = lambda: torch.ops.fastedit.cholesky_ex(A)  # noqa: E731
-    benchmark.group = f"cholesky_ex {device} n={n} batch={batch} {str(dtype)[6:]}"
-    benchmark.extra_info.update(n=n, batch=batch, dtype=str(dtype), device=device)
-    out = benchmark(_timed(fn, device))
+        fn = torch.ops.fastedit.cholesky_ex
+    benchmark.group = f"cholesky_ex n={n} batch={batch} {size['dtype']}"
+    benchmark.extra_info.update(op="cholesky_ex", flops=batch * n**3 / 3, **size)
+    if role:
+        benchmark.extra_info["role"] = role
+    out = benchmark(timed(fn), A)
     if impl != "torch.linalg.cholesky_ex":
         _, info, min_pivot = out
-        expected = _ext.cholesky_ex_reference(A)
+        expected = cholesky_ex_torch(A)
         assert torch.equal(info, expected[1])
         assert_close(min_pivot, expected[2], 1e-6 if dtype == torch.float64 else 1e-4, "min_pivot")
 
 
-@pytest.mark.parametrize("impl", ["torch composition", "fastedit compiled"])
-def test_woodbury_solve(benchmark, impl, device, n, m, k, dtype):
+@pytest.mark.parametrize("impl,role", [("torch composition", "baseline"), ("fastedit compiled", "fastedit")])
+def test_woodbury_solve(benchmark, impl, role, size, device, timed):
+    n, m, k, dtype = size["n"], size["m"], size["k"], getattr(torch, size["dtype"])
     gen = torch.Generator().manual_seed(n + m)
     A0 = _spd(n, (), dtype, device)
     L = torch.linalg.cholesky(A0)
@@ -101,13 +95,13 @@ def test_woodbury_solve(benchmark, impl, device, n, m, k, dtype):
     s = s.to(device, dtype)
     B = torch.randn(n, k, dtype=torch.float64, generator=gen).to(device, dtype)
     if impl == "torch composition":
-        fn = lambda: _ext.woodbury_solve_reference(L, U, s, B)  # noqa: E731
+        fn = woodbury_solve_torch
     else:
         _need_compiled(device)
-        fn = lambda: torch.ops.fastedit.woodbury_solve(L, U, s, B)  # noqa: E731
-    benchmark.group = f"woodbury_solve {device} n={n} m={m} k={k} {str(dtype)[6:]}"
-    benchmark.extra_info.update(n=n, m=m, k=k, dtype=str(dtype), device=device)
-    X = benchmark(_timed(fn, device))
+        fn = torch.ops.fastedit.woodbury_solve
+    benchmark.group = f"woodbury_solve n={n} m={m} k={k} {size['dtype']}"
+    benchmark.extra_info.update(role=role, op="woodbury_solve", **size)
+    X = benchmark(timed(fn), L, U, s, B)
     A = A0 + (U * s) @ U.mT
     residual = torch.linalg.matrix_norm(A @ X - B) / torch.linalg.matrix_norm(B)
     assert residual.item() < (1e-8 if dtype == torch.float64 else 1e-3)

@@ -30,11 +30,10 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(device):
     """Models, documents and the baseline's batches, built once for both sides of the group."""
-    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.type
     cfg = CONFIGS[kind]
-    device = torch.device(kind)
     with device:  # initialise on the GPU directly: 3B random parameters are slow to fill on a CPU
         base = tiny_model("llama", dtype=torch.float32, **cfg["model"])
         fast = base if cfg["dtype"] == torch.float32 else tiny_model("llama", dtype=cfg["dtype"], **cfg["model"])
@@ -44,35 +43,26 @@ def setup():
     docs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
     batches = [(b.input_ids.to(device), b.attention_mask.to(device)) for b in pack(docs, cfg["token_budget"])]
     return dict(kind=kind, cfg=cfg, base=base, fast=fast, docs=docs, batches=batches, tokens=sum(lengths),
-                names=[get_adapter(base).rewrite_name(l) for l in cfg["layers"]], d_k=get_adapter(base).d_k,
-                device=device)
+                names=[get_adapter(base).rewrite_name(l) for l in cfg["layers"]], d_k=get_adapter(base).d_k)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.mark.parametrize("impl", ["baseline_fp32_per_layer", "fastedit_one_pass"])
-def test_covariance_pass(benchmark, setup, impl):
-    cfg, device = setup["cfg"], setup["device"]
-    if impl == "baseline_fp32_per_layer":
+@pytest.mark.parametrize("role", ["baseline", "fastedit"])
+def test_covariance_pass(benchmark, setup, role, timed):
+    cfg = setup["cfg"]
+    if role == "baseline":  # one float32 pass per layer, float32 running sums
         def run():
             out = covariance_per_layer_fp32(setup["base"], setup["names"], setup["batches"], setup["d_k"])
-            _sync(device)
             return [out[n] for n in setup["names"]]
-    else:
+    else:  # one pass, all layers hooked
         def run():
             stats = collect_stats(setup["fast"], None, cfg["layers"], setup["docs"], max_length=cfg["max_len"],
                                   token_budget=cfg["token_budget"], progress=False)
-            _sync(device)
             return [(stats[l].sum, stats[l].count) for l in cfg["layers"]]
 
     benchmark.group = f"stats pass ({setup['kind']}, {len(cfg['layers'])} layers)"
-    result = benchmark.pedantic(run, rounds=cfg["rounds"], iterations=1, warmup_rounds=1)
-    benchmark.extra_info["tokens"] = setup["tokens"]
-    if benchmark.stats is not None and benchmark.stats.stats.mean:
-        benchmark.extra_info["tokens_per_s"] = setup["tokens"] / benchmark.stats.stats.mean
+    result = benchmark.pedantic(timed(run), rounds=cfg["rounds"], iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(role=role, op="covariance pass", tokens=setup["tokens"], layers=len(cfg["layers"]),
+                                dtype=str(cfg["dtype"])[6:])
     # Both sides compute the same statistics: same token count, sums equal to the dtype's accuracy.
     reference = covariance_per_layer_fp32(setup["base"], setup["names"][-1:], setup["batches"], setup["d_k"])
     mom2, count = reference[setup["names"][-1]]

@@ -7,7 +7,7 @@ they compare as times do); the GEMM entries also give their full-matrix rate. On
 bf16 GEMM measures the device's attainable bf16 rate, and the SYRK entry reports its fraction
 of it (target: >= 70%).
 
-    pytest benchmarks/bench_syrk.py --benchmark-enable            # CPU: d_k=1024, 4096 tokens
+    pytest benchmarks/bench_syrk.py --benchmark-enable            # CPU (full): d_k=1024, 4096 tokens
     (on a GPU: d_k=14336, 8192 bf16 tokens)
 """
 import pytest
@@ -16,103 +16,76 @@ import torch
 from baselines import covariance_fp32_running_sum
 from fastedit.linalg import CovarianceAccumulator
 
-CUDA = torch.cuda.is_available()
-D_K, TOKENS, BATCH = (14336, 8192, 8192) if CUDA else (1024, 4096, 1024)
-DEVICE = "cuda" if CUDA else "cpu"
+SIZES = {
+    "small": [{"d_k": 129, "tokens": 515, "batch": 128}],
+    "full": [{"d_k": 1024, "tokens": 4096, "batch": 1024}],
+    "gpu": [{"d_k": 14336, "tokens": 8192, "batch": 8192}],
+}
+GROUP = "covariance"
 _PEAK = {}
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
+def _triangle_flops(size):
+    return size["tokens"] * size["d_k"] * (size["d_k"] + 1)
 
 
-def _triangle_flops(tokens=TOKENS, d_k=D_K):
-    return tokens * d_k * (d_k + 1)
-
-
-def _record(benchmark, what, triangle_flops=None, full_flops=None):
-    benchmark.extra_info.update(what=what, d_k=D_K, tokens=TOKENS, batch=BATCH, device=DEVICE)
-    if CUDA:
-        benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
+def _record(benchmark, size, role=None, **extra):
+    """Group, role (none for the reference rates that are neither side), op, size, and the
+    triangle's FLOPs; returns the mean seconds when timed (None in a smoke run)."""
+    benchmark.group = extra.pop("group", GROUP)
+    if role:
+        benchmark.extra_info["role"] = role
+    benchmark.extra_info.update(flops=_triangle_flops(size), **size, **extra)
     stats = getattr(benchmark, "stats", None)
-    if stats is None:  # --benchmark-disable: ran once as a smoke test, nothing timed
-        return
-    seconds = stats.stats.mean
-    if triangle_flops:
-        benchmark.extra_info["TFLOP/s (triangle)"] = round(triangle_flops / seconds / 1e12, 4)
-    if full_flops:
-        benchmark.extra_info["TFLOP/s (full GEMM)"] = round(full_flops / seconds / 1e12, 4)
-    return seconds
+    return stats.stats.mean if stats is not None else None
 
 
-@pytest.fixture(scope="module")
-def keys():
+@pytest.fixture
+def keys(size, device):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(TOKENS, D_K, generator=gen) + 0.5
-    return x.to(device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(size["tokens"], size["d_k"], generator=gen) + 0.5
+    return x.to(device=device, dtype=torch.bfloat16)
 
 
 @pytest.mark.cuda
-def test_bf16_gemm_peak(benchmark):
+def test_bf16_gemm_peak(benchmark, size, timed):
     """The attainable bf16 tensor-core rate on this GPU: a large square GEMM. First in the
     file, so the accumulator entry after it can report its fraction of this rate."""
-    benchmark.group = "bf16 GEMM peak"
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-
-    def run():
-        a @ b
-        _sync()
-
-    benchmark(run)
-    seconds = _record(benchmark, "square bf16 GEMM 8192³", full_flops=2 * n**3)
+    benchmark(timed(torch.matmul), a, b)
+    seconds = _record(benchmark, size, group="bf16 GEMM peak", op="square bf16 GEMM 8192³")
+    benchmark.extra_info["flops"] = 2 * n**3
     if seconds:
         _PEAK["bf16"] = 2 * n**3 / seconds / 1e12
 
 
-def test_fastedit_covariance_accumulator(benchmark, keys):
-    benchmark.group = "covariance"
-    acc = CovarianceAccumulator(D_K, device=DEVICE)
+def test_fastedit_covariance_accumulator(benchmark, keys, size, device, timed):
+    acc = CovarianceAccumulator(size["d_k"], device=device)
 
     def run():
-        for batch in keys.split(BATCH):
+        for batch in keys.split(size["batch"]):
             acc.update(batch)
-        _sync()
 
-    benchmark(run)
-    seconds = _record(benchmark, "fastedit CovarianceAccumulator.update (two-level, lower "
-                                 "triangle on CUDA)", _triangle_flops())
+    benchmark(timed(run))
+    seconds = _record(benchmark, size, "fastedit", op="CovarianceAccumulator.update (two-level, lower triangle on CUDA)")
     if seconds and "bf16" in _PEAK:
         benchmark.extra_info["fraction of bf16 GEMM peak"] = round(
-            _triangle_flops() / seconds / 1e12 / _PEAK["bf16"], 3)
+            _triangle_flops(size) / seconds / 1e12 / _PEAK["bf16"], 3)
 
 
-def test_baseline_fp32_running_sum(benchmark, keys):
-    benchmark.group = "covariance"
-
-    def run():
-        covariance_fp32_running_sum(keys.split(BATCH), D_K)
-        _sync()
-
-    benchmark(run)
-    _record(benchmark, "baseline: fp32 running sum of kᵀk per batch (references)",
-            _triangle_flops(), 2 * TOKENS * D_K * D_K)
+def test_baseline_fp32_running_sum(benchmark, keys, size, timed):
+    benchmark(timed(covariance_fp32_running_sum), keys.split(size["batch"]), size["d_k"])
+    _record(benchmark, size, "baseline", op="fp32 running sum of kᵀk per batch (references)",
+            full_gemm_flops=2 * size["tokens"] * size["d_k"] ** 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
-                         ids=["fp32", "bf16"])
-def test_plain_gemm_xtx(benchmark, keys, dtype):
-    if dtype == torch.bfloat16 and not CUDA:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_plain_gemm_xtx(benchmark, keys, size, dtype, device, timed):
+    if dtype == torch.bfloat16 and device.type != "cuda":
         pytest.skip("bf16 GEMM rate is a GPU comparison")
-    benchmark.group = "covariance"
     x = keys.to(dtype)
-
-    def run():
-        x.mT @ x
-        _sync()
-
-    benchmark(run)
-    _record(benchmark, f"x.T @ x in {dtype} (one GEMM, full matrix)", _triangle_flops(),
-            2 * TOKENS * D_K * D_K)
+    benchmark(timed(lambda: x.mT @ x))
+    _record(benchmark, size, op=f"x.T @ x in {dtype} (one GEMM, full matrix)",
+            full_gemm_flops=2 * size["tokens"] * size["d_k"] ** 2)

@@ -4,8 +4,10 @@ Two ops, registered with ``torch.library`` in namespace ``fastedit`` (CPU and, w
 with CUDA, CUDA kernels in C++; fake implementations here, so they trace under
 ``torch.compile``), called through the wrappers :func:`cholesky_ex` and
 :func:`woodbury_solve`. When the extension is missing, those wrappers run the torch
-compositions :func:`cholesky_ex_reference` and :func:`woodbury_solve_reference` instead,
-after one :class:`ExtensionWarning` per process.
+references beside the dispatch in the math layer,
+:func:`fastedit.linalg.cholesky.cholesky_ex_torch` and
+:func:`fastedit.linalg.woodbury.woodbury_solve_torch`, after one :class:`ExtensionWarning`
+per process.
 
 Why a JIT build and not a compiled wheel: building the extension inside pip's isolated build
 environment would download a second multi-GB torch, so the package build is pure Python, the
@@ -38,7 +40,7 @@ import warnings
 
 import torch
 
-from fastedit.errors import ExtensionError, InputError
+from fastedit.errors import ExtensionError
 
 _NAME = "fastedit_ext"
 _CPU_SOURCES = ("ops.cpp",)
@@ -270,40 +272,7 @@ def build(*, force: bool = False, verbose: bool = False) -> pathlib.Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Wrappers and their torch references
-
-
-def _check_float(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise InputError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise InputError(f"{name} must be float32 or float64; got {t.dtype} (convert with .double())")
-
-
-def _check_cholesky_input(A) -> None:
-    _check_float("A", A)
-    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
-        raise InputError(f"A must be a (batch of) square matrix(es) (..., n, n); got shape {tuple(A.shape)}")
-
-
-def _check_woodbury_inputs(L, U, s, B) -> None:
-    for name, t in (("L", L), ("U", U), ("s", s), ("B", B)):
-        _check_float(name, t)
-    if L.dim() < 2 or L.shape[-1] != L.shape[-2]:
-        raise InputError(f"L must be a (batch of) square Cholesky factor(s) (..., n, n); got shape {tuple(L.shape)}")
-    for name, t in (("U", U), ("s", s), ("B", B)):
-        if t.device != L.device or t.dtype != L.dtype:
-            raise InputError(
-                f"{name} is {t.dtype} on {t.device} but L is {L.dtype} on {L.device}; use one dtype and device"
-            )
-    batch, n = L.shape[:-2], L.shape[-1]
-    if U.dim() != L.dim() or U.shape[:-2] != batch or U.shape[-2] != n:
-        raise InputError(f"U must have shape (..., n, m) with L's batch dims and n = {n}; got {tuple(U.shape)}")
-    m = U.shape[-1]
-    if s.dim() != L.dim() - 1 or s.shape[:-1] != batch or s.shape[-1] != m:
-        raise InputError(f"s must have shape (..., m) with L's batch dims and m = {m}; got {tuple(s.shape)}")
-    if B.dim() != L.dim() or B.shape[:-2] != batch or B.shape[-2] != n:
-        raise InputError(f"B must have shape (..., n, k) with L's batch dims and n = {n}; got {tuple(B.shape)}")
+# Wrappers (their torch references live in fastedit.linalg)
 
 
 def cholesky_ex(A: torch.Tensor):
@@ -323,36 +292,14 @@ def cholesky_ex(A: torch.Tensor):
     73 µs against 69 µs for torch.linalg.cholesky_ex alone and 175 µs for the torch composition
     with the same outputs; n = 1025, within noise of both (the factorisation dominates).
     """
-    _check_cholesky_input(A)
+    # Imported here: fastedit.linalg sits above this module and must not load with it.
+    from fastedit.linalg._checks import check_cholesky_input
+    from fastedit.linalg.cholesky import cholesky_ex_torch
+
+    check_cholesky_input(A)
     if available_for(A.device):
         return torch.ops.fastedit.cholesky_ex(A)
-    return cholesky_ex_reference(A)
-
-
-def cholesky_ex_reference(A: torch.Tensor):
-    """The torch composition of :func:`cholesky_ex` (same outputs, more kernels)."""
-    _check_cholesky_input(A)
-    n = A.shape[-1]
-    L, info = torch.linalg.cholesky_ex(A)
-    batch = A.shape[:-2]
-    if n == 0:
-        return L, torch.zeros(batch, dtype=torch.int32, device=A.device), A.new_full(batch, float("inf"))
-    diag = L.diagonal(dim1=-2, dim2=-1)
-    cols = torch.arange(n, device=A.device)
-    info64 = info.long()
-    accepted = torch.where(info64 > 0, info64 - 1, n)
-    # Some LAPACKs let a NaN pivot through: a diagonal that is not > 0 among the accepted columns.
-    nan_col = torch.where(~(diag > 0) & (cols < accepted.unsqueeze(-1)), cols, n).amin(-1)
-    failed_col = torch.minimum(nan_col, torch.where(info64 > 0, accepted, n))
-    failed = failed_col < n
-    f = failed_col.clamp(max=n - 1)
-    row = torch.take_along_dim(L, f[..., None, None].expand(*batch, 1, n), dim=-2).squeeze(-2)
-    row_sq = torch.where(cols < f.unsqueeze(-1), row * row, torch.zeros_like(row)).sum(-1)
-    a_ff = torch.take_along_dim(A.diagonal(dim1=-2, dim2=-1), f.unsqueeze(-1), dim=-1).squeeze(-1)
-    smallest = torch.where(failed.unsqueeze(-1), torch.ones_like(diag), diag * diag).amin(-1)
-    min_pivot = torch.where(failed, a_ff - row_sq, smallest)
-    info_out = torch.where(failed, failed_col + 1, 0).to(torch.int32)
-    return L, info_out, min_pivot
+    return cholesky_ex_torch(A)
 
 
 def woodbury_solve(L: torch.Tensor, U: torch.Tensor, s: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -368,27 +315,17 @@ def woodbury_solve(L: torch.Tensor, U: torch.Tensor, s: torch.Tensor, B: torch.T
     Kept as a compiled op because it wins: the backward solve on U's m columns is never done
     (n²(m + 2k) triangular-solve flops instead of 2n²(m + k) for cholesky_solve on [U B]),
     the capacitance and Uᵀ A0⁻¹ B come from one GEMM, the subtraction is fused into it, and one
-    call replaces about ten Python-dispatched ops. CPU, float64, against the torch composition
-    (benchmarks/bench_ext.py): n = 2049, m = k = 100: 56 ms vs 127 ms; n = 129, m = 7, k = 5:
-    54 µs vs 72 µs.
+    call replaces about ten Python-dispatched ops. CPU, float64, one thread, against
+    woodbury_solve_torch (benchmarks/bench_ext.py): n = 2049, m = k = 100: 48 ms vs 62 ms (median);
+    n = 129, m = 7, k = 5: 55 µs vs 86 µs (min).
     """
-    _check_woodbury_inputs(L, U, s, B)
+    from fastedit.linalg._checks import check_woodbury_inputs
+    from fastedit.linalg.woodbury import woodbury_solve_torch
+
+    check_woodbury_inputs(L, U, s, B)
     if available_for(L.device):
         return torch.ops.fastedit.woodbury_solve(L, U, s, B)
-    return woodbury_solve_reference(L, U, s, B)
-
-
-def woodbury_solve_reference(L, U, s, B):
-    """The torch composition :func:`woodbury_solve` replaces: Y = A0⁻¹[U B] by cholesky_solve,
-    S = diag(1/s) + Uᵀ Y_U, X = Y_B − Y_U S⁻¹ (Uᵀ Y_B)."""
-    _check_woodbury_inputs(L, U, s, B)
-    m = U.shape[-1]
-    if m == 0:
-        return torch.cholesky_solve(B, L)
-    Y = torch.cholesky_solve(torch.cat([U, B], dim=-1), L)
-    Y_U, Y_B = Y[..., :m], Y[..., m:]
-    S = torch.diag_embed(s.reciprocal()) + U.mT @ Y_U
-    return Y_B - Y_U @ torch.linalg.solve_ex(S, U.mT @ Y_B).result
+    return woodbury_solve_torch(L, U, s, B)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,6 +78,18 @@ def covariances(model, layers, *, n_seq: int = 256, seq_len: int = 16, seed: int
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _fresh_covariances(arch: str, layers: tuple) -> dict:
+    return covariances(model(arch), layers)
+
+
+def fresh_covariances(arch: str, layers) -> dict:
+    """``covariances(model(arch), layers)``, computed once per session: ``model`` is
+    deterministic, so every test that builds a fresh model would get the same C0 (a forward over
+    4096 tokens per test). Copies, so that no test can change another's."""
+    return {l: C.clone() for l, C in _fresh_covariances(arch, tuple(layers)).items()}
+
+
 def next_logits(model, tok, texts) -> torch.Tensor:
     """(len(texts), vocab) next-token logits after each text (one right-padded forward)."""
     ids = [tok(t)["input_ids"] for t in texts]

@@ -28,25 +28,28 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-module = importlib.import_module(sys.argv[1])
-kernels = sorted(name for name, obj in vars(module).items() if isinstance(obj, JITFunction))
-results = []
-for spec in module.aot_specialisations():
-    attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-             for name in spec.aligned}
-    src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs,
-                    attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", spec.capability, 32),
-                              options={"num_warps": spec.num_warps,
-                                       "num_stages": spec.num_stages})
-    ptx = compiled.asm["ptx"]
-    results.append({
-        "name": spec.name, "kernel": spec.kernel.__name__, "capability": spec.capability,
-        "missing": [op for op in spec.ptx_must_contain if op not in ptx],
-        "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx,
-        "not_specialised": [p.name for p in spec.kernel.params if p.do_not_specialize],
-    })
-print(json.dumps({"kernels": kernels, "results": results}))
+reports = {}
+for module_name in sys.argv[1:]:
+    module = importlib.import_module(module_name)
+    kernels = sorted(name for name, obj in vars(module).items() if isinstance(obj, JITFunction))
+    results = []
+    for spec in module.aot_specialisations():
+        attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+                 for name in spec.aligned}
+        src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs,
+                        attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", spec.capability, 32),
+                                  options={"num_warps": spec.num_warps,
+                                           "num_stages": spec.num_stages})
+        ptx = compiled.asm["ptx"]
+        results.append({
+            "name": spec.name, "kernel": spec.kernel.__name__, "capability": spec.capability,
+            "missing": [op for op in spec.ptx_must_contain if op not in ptx],
+            "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx,
+            "not_specialised": [p.name for p in spec.kernel.params if p.do_not_specialize],
+        })
+    reports[module_name] = {"kernels": kernels, "results": results}
+print(json.dumps(reports))
 """
 
 
@@ -58,14 +61,12 @@ def test_every_kernel_module_is_listed():
 
 @pytest.fixture(scope="module")
 def compiled():
+    # One subprocess for all modules: each pays the Python + torch + triton start-up.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = {}
-    for module in KERNEL_MODULES:
-        run = subprocess.run([sys.executable, "-c", _COMPILE_ALL, module], env=env,
-                             capture_output=True, text=True)
-        assert run.returncode == 0, f"{module} failed to compile:\n{run.stderr[-4000:]}"
-        out[module] = json.loads(run.stdout.strip().splitlines()[-1])
-    return out
+    run = subprocess.run([sys.executable, "-c", _COMPILE_ALL, *KERNEL_MODULES], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, f"a kernel module failed to compile:\n{run.stderr[-4000:]}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("module", KERNEL_MODULES)

@@ -144,4 +144,6 @@ def test_backend_ext_routes_to_the_extension(monkeypatch, gen):
     assert_close(cholesky_factor(A, backend="ext"), torch.linalg.cholesky(A), 1e-12)
     assert calls == [A.shape]
     cholesky_factor(A)
-    assert len(calls) == 1, "backend=None must stay on torch until benchmarks pick the extension"
+    assert len(calls) == 2, "backend=None takes the extension for cholesky_ex (AUTO_EXT_OPS)"
+    cholesky_factor(A, backend="torch")
+    assert len(calls) == 2

@@ -43,10 +43,12 @@ def test_woodbury_solve_float32_no_worse_than_torch(gen):
 
 def test_woodbury_solve_checks_shapes():
     L = torch.eye(4, dtype=F64)
-    with pytest.raises(InputError, match="U and B must have 4 rows"):
+    with pytest.raises(InputError, match=r"U must have shape \(\.\.\., n, m\) with L's batch dims and n = 4"):
         woodbury_solve(L, torch.ones(3, 2, dtype=F64), torch.ones(2, dtype=F64), torch.ones(4, 1, dtype=F64))
-    with pytest.raises(InputError, match="s must have one weight per column of U"):
+    with pytest.raises(InputError, match="s must have shape .* m = 2"):
         woodbury_solve(L, torch.ones(4, 2, dtype=F64), torch.ones(3, dtype=F64), torch.ones(4, 1, dtype=F64))
+    with pytest.raises(InputError, match="B must have shape"):
+        woodbury_solve(L, torch.ones(4, 2, dtype=F64), torch.ones(2, dtype=F64), torch.ones(3, 1, dtype=F64))
 
 
 def test_woodbury_solve_routes_to_the_extension(monkeypatch, gen):

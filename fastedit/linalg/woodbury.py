@@ -17,7 +17,7 @@ import torch
 
 from fastedit import _ext
 from fastedit.errors import InputError, NotPositiveDefiniteError
-from fastedit.linalg._checks import check_float, check_square
+from fastedit.linalg._checks import check_woodbury_inputs
 from fastedit.linalg._dispatch import resolve_backend
 from fastedit.linalg.cholesky import cholesky_apply_inverse, cholesky_factor
 
@@ -32,29 +32,24 @@ def woodbury_solve_torch(L: torch.Tensor, U: torch.Tensor, s: torch.Tensor, B: t
 
     L (..., n, n) lower Cholesky factor; U (..., n, m); s (..., m) nonzero weights (±1 for keys
     added/removed); B (..., n, k). m may be 0. The m × m capacitance diag(1/s) + Uᵀ(LLᵀ)⁻¹U is
-    symmetric but indefinite when signs are mixed, so it is solved by LU.
+    symmetric but indefinite when signs are mixed, so it is solved by LU (without a host sync:
+    an exactly singular capacitance, i.e. a singular system, gives a non-finite X, as the
+    compiled op does). Inputs are not checked here (the callers do).
     """
     Z = cholesky_apply_inverse(L, B)
     if U.shape[-1] == 0:
         return Z
     Y = cholesky_apply_inverse(L, U)
     cap = torch.diag_embed(1.0 / s) + U.mT @ Y
-    lu = torch.linalg.lu_factor(cap)
-    return _correct(Z, U, Y, lambda W: torch.linalg.lu_solve(*lu, W))
+    LU, pivots, _ = torch.linalg.lu_factor_ex(cap)
+    return _correct(Z, U, Y, lambda W: torch.linalg.lu_solve(LU, pivots, W))
 
 
 def woodbury_solve(L, U, s, B, *, backend=None) -> torch.Tensor:
     """X with (L Lᵀ + U diag(s) Uᵀ) X = B, by the chosen backend; see ``woodbury_solve_torch``."""
-    for name, t, dim in (("L", L, 2), ("U", U, 2), ("s", s, 1), ("B", B, 2)):
-        check_float(name, t, min_dim=dim)
-    check_square("L", L)
-    n = L.shape[-1]
-    if U.shape[-2] != n or B.shape[-2] != n:
-        raise InputError(f"U and B must have {n} rows like L, got U {tuple(U.shape)}, B {tuple(B.shape)}")
-    if s.shape[-1] != U.shape[-1]:
-        raise InputError(f"s must have one weight per column of U ({U.shape[-1]}), got shape {tuple(s.shape)}")
     if resolve_backend(backend, "woodbury_solve") == "ext":
-        return _ext.woodbury_solve(L, U, s, B)
+        return _ext.woodbury_solve(L, U, s, B)  # checks its inputs like the line below
+    check_woodbury_inputs(L, U, s, B)
     return woodbury_solve_torch(L, U, s, B)
 
 
@@ -200,7 +195,9 @@ class LowRankCholesky:
         """A⁻¹ B for the current A. B (..., n, c)."""
         self._maybe_refactor()
         m, c = self.rank_since_refactor, B.shape[-1]
-        if resolve_backend(self.backend, "woodbury_solve") == "ext":
+        # Only when asked for: the compiled op recomputes L⁻¹U (n²·m flops) that self.Y caches,
+        # so the cached torch path is the faster one once U has as many columns as B.
+        if self.backend is not None and resolve_backend(self.backend, "woodbury_solve") == "ext":
             s = torch.tensor(self.signs, dtype=B.dtype, device=B.device).expand(*self.U.shape[:-2], m)
             return _ext.woodbury_solve(self.L, self.U, s, B)
         Z = cholesky_apply_inverse(self.L, B)
