@@ -55,7 +55,7 @@ def run(args) -> int:
 
     from fastedit import presets, testbed
     from fastedit.editing.editor import Editor
-    from fastedit.editing.requests import load_records
+    from fastedit.editing.requests import load_records, requests_from_records
     from fastedit.eval import evaluate
 
     if args.arch not in testbed.ARCHS:
@@ -93,7 +93,7 @@ def run(args) -> int:
     n_batches = -(-args.n // args.batch_size)
     print(f"editing {args.n} facts with {args.method} + {args.strategy}{'' if args.no_nas else ' + NAS'} "
           f"in {n_batches} sequential batch(es) of up to {args.batch_size}...", flush=True)
-    report = editor.edit(records, batch_size=args.batch_size)
+    report = editor.edit(requests_from_records(records), batch_size=args.batch_size)
 
     t = time.perf_counter()
     after_top = _top1(model, tok, prompts, device)
