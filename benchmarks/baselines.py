@@ -227,3 +227,32 @@ def counterfact_nll_per_case(model, tok, cases):
             scores.append(total / len(t_ids[i]))
         out.append([(scores[2 * k], scores[2 * k + 1]) for k in range(len(prompts))])
     return out
+
+
+# --- Sequential MEMIT end to end (editing branch): fastedit.editing.Editor ------------------
+
+
+def memit_sequential_baseline(model, tokenizer, adapter, requests, layers, covariances, *, templates, hparams,
+                              batch_size):
+    """MEMIT as the reference runs a sequence of batches: for each batch, v* one edit at a time at
+    the last critical layer, then per layer (in order) the keys and the last layer's outputs
+    recomputed on the current model, R = (z − cur) / (layers left), and
+    ΔW = R (solve(λC0 + KKᵀ, K))ᵀ by a general float64 LU on the full d_k × d_k system, added to
+    the weight. C0 is fixed across batches (plain MEMIT). Edits ``model`` in place."""
+    from fastedit.editing.keys import block_outputs_at_lookup, compute_keys
+
+    vparams = hparams.vstar_params()
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start:start + batch_size]
+        z, _, _ = vstar_one_at_a_time(model, tokenizer, adapter, batch, layers[-1], templates=templates,
+                                      hparams=vparams)
+        z = z.to(torch.float64)
+        for i, layer in enumerate(layers):
+            K = compute_keys(model, tokenizer, adapter, batch, [layer], templates=templates)[layer].to(torch.float64)
+            cur = block_outputs_at_lookup(model, tokenizer, adapter, batch, layers[-1]).to(torch.float64)
+            R = (z - cur).T / (len(layers) - i)
+            C0 = covariances[layer].to(device=K.device, dtype=torch.float64)
+            adj = torch.linalg.solve(hparams.lam * C0 + K @ K.T, K)
+            W = adapter.weight(layer)
+            W.add_((R @ adj.T).to(W.dtype))
+    return model

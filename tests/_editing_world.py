@@ -79,9 +79,16 @@ def covariances(model, layers, *, n_seq: int = 256, seq_len: int = 16, seed: int
 
 
 def next_logits(model, tok, texts) -> torch.Tensor:
-    """(len(texts), vocab) next-token logits after each text."""
+    """(len(texts), vocab) next-token logits after each text (one right-padded forward)."""
+    ids = [tok(t)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    pad = tok.pad_token_id
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    last = torch.tensor([len(x) - 1 for x in ids])
     with torch.no_grad():
-        return torch.stack([model(input_ids=torch.tensor([tok(t)["input_ids"]])).logits[0, -1] for t in texts])
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+    return logits[torch.arange(len(ids)), last]
 
 
 def top1(model, tok, texts) -> list:

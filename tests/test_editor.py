@@ -15,19 +15,24 @@ from fastedit.errors import EditError, InputError
 # runner-up, see _editing_world.firm) that must keep it through the edit.
 HELD_KEPT = 0.75
 
-CASES = [(arch, method, strategy) for arch in ("gpt2", "gptj", "llama")
-         for method in ("memit", "memit_seq", "alphaedit") for strategy in ("distribute", "blue")]
+# Every architecture × {MEMIT, AlphaEdit} × {distribute, BLUE}, NAS on for half of them; MEMIT_seq
+# (the same update as MEMIT on a first batch) on Llama only, with and without NAS.
+CASES = [(arch, method, strategy, nas) for arch in ("gpt2", "gptj", "llama")
+         for method, strategy, nas in [("memit", "distribute", False), ("memit", "blue", True),
+                                       ("alphaedit", "distribute", True), ("alphaedit", "blue", False)]]
+CASES += [("llama", "memit_seq", "distribute", True), ("llama", "memit_seq", "blue", False),
+          ("llama", "alphaedit", "blue", True)]
 
 
-@pytest.mark.parametrize("arch,method,strategy", CASES)
-def test_edits_land_and_unrelated_predictions_survive(arch, method, strategy):
+@pytest.mark.parametrize("arch,method,strategy,nas", CASES)
+def test_edits_land_and_unrelated_predictions_survive(arch, method, strategy, nas):
     tok = W.tokenizer()
     model = W.model(arch)
     hp = presets.get("tiny", method=method, strategy=strategy)
     stats = W.covariances(model, hp.layers)
     held, held_before = W.firm(model, tok, W.HELD)
     assert len(held) >= 10
-    editor = Editor(model, tok, method=method, strategy=strategy, hparams=hp, stats=stats, progress=False)
+    editor = Editor(model, tok, method=method, strategy=strategy, nas=nas, hparams=hp, stats=stats, progress=False)
     report = editor.edit(W.REQUESTS, batch_size=len(W.REQUESTS))
     got = W.top1(model, tok, [r.text for r in W.REQUESTS])
     assert got == [W.target_id(tok, r) for r in W.REQUESTS]
@@ -191,3 +196,104 @@ def test_stats_directory_from_fastedit_stats(tmp_path):
     torch.testing.assert_close(a * a.shape[0], stats[1], rtol=1e-10, atol=1e-12)
     with pytest.raises(InputError, match="layer_3"):
         Editor(model, tok, method="memit", hparams=hp, layers=(3,), stats=tmp_path, progress=False).covariance(3)
+
+
+def _records(requests):
+    return [{"case_id": r.case_id, "requested_rewrite": {"prompt": r.prompt, "subject": r.subject,
+                                                         "target_new": {"str": r.target_new},
+                                                         "target_true": {"str": "Paris"}}} for r in requests]
+
+
+def test_cli_edits_saves_the_model_and_a_report(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from fastedit.cli import main
+    from fastedit.linalg import CovarianceAccumulator
+
+    tok, model = W.tokenizer(), W.model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    hp = presets.get("tiny")
+    stats_dir = tmp_path / "stats"
+    stats_dir.mkdir()
+    for l, C in W.covariances(model, hp.layers).items():
+        acc = CovarianceAccumulator(C.shape[0])
+        acc.update(torch.linalg.cholesky(C).T.contiguous())
+        acc.save(stats_dir / f"layer_{l}.safetensors", {"layer": l})
+    (tmp_path / "req.json").write_text(json.dumps(_records(W.REQUESTS)))
+    common = ["edit", "--model", str(tmp_path / "model"), "--requests", str(tmp_path / "req.json"), "--preset", "tiny",
+              "--device", "cpu", "--no-progress"]
+    out = tmp_path / "out"
+    assert main([*common, "--method", "memit", "--stats", str(stats_dir), "--out", str(out), "--batch-size", "2"]) == 0
+    report = json.loads((out / "edit_report.json").read_text())
+    assert report["n_edited"] == len(W.REQUESTS) and len(report["batches"]) == 2
+    edited = AutoModelForCausalLM.from_pretrained(out)
+    assert W.top1(edited, tok, [r.text for r in W.REQUESTS]) == [W.target_id(tok, r) for r in W.REQUESTS]
+    # without --stats, --corpus collects them first (fastedit.stats)
+    corpus = tmp_path / "corpus.txt"
+    g = torch.Generator().manual_seed(0)
+    corpus.write_text("\n".join(" ".join(W.WORDS[int(i)] for i in torch.randint(0, len(W.WORDS), (12,), generator=g))
+                                 for _ in range(60)))
+    assert main([*common, "--method", "alphaedit", "--strategy", "blue", "--corpus", str(corpus),
+                 "--out", str(tmp_path / "o1")]) == 0
+    assert json.loads((tmp_path / "o1" / "edit_report.json").read_text())["config"]["strategy"] == "blue"
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "o2")]) == 2
+    assert "--stats" in capsys.readouterr().err
+    assert main([*common[:4], str(tmp_path / "missing.json"), *common[5:], "--stats", str(stats_dir),
+                 "--out", str(tmp_path / "o3")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert main(["edit", "--model", str(tmp_path / "model"), "--requests", str(tmp_path / "req.json"),
+                 "--stats", str(stats_dir), "--out", str(tmp_path / "o4")]) == 2
+    assert "--preset" in capsys.readouterr().err
+
+
+def test_guess_preset_from_model_names():
+    from fastedit.editing.cli import guess_preset
+
+    assert guess_preset("gpt2-xl") == "gpt2-xl"
+    assert guess_preset("EleutherAI/gpt-j-6B") == "gpt-j-6b"
+    assert guess_preset("meta-llama/Meta-Llama-3-8B-Instruct") == "llama3-8b"
+    assert guess_preset("/models/tiny") is None
+
+
+def test_presets_match_the_reference_hyperparameters():
+    for name, layers, lam, steps, lr, blue_l2 in [("gpt2-xl", (13, 14, 15, 16, 17), 20000, 20, 0.5, 80),
+                                                   ("gpt-j-6b", (3, 4, 5, 6, 7, 8), 15000, 25, 0.5, 95),
+                                                   ("llama3-8b", (4, 5, 6, 7, 8), 15000, 25, 0.1, 1)]:
+        p = presets.get(name)
+        assert (p.layers, p.lam, p.v_num_grad_steps, p.v_lr) == (layers, lam, steps, lr)
+        assert p.boundary_layers == (layers[0], layers[-1])
+        assert (p.clamp_norm_factor, p.kl_factor, p.v_weight_decay, p.nullspace_threshold) == (0.75, 0.0625, 0.5, 2e-2)
+        assert presets.get(name, method="alphaedit").L2 == 10
+        assert presets.get(name, method="alphaedit", strategy="blue").L2 == blue_l2
+        assert presets.get(name, method="memit", strategy="blue").L2 == 10
+    with pytest.raises(InputError, match="known presets"):
+        presets.get("gpt5")
+
+
+def test_a_failed_rollback_blocks_further_edits_until_restore(monkeypatch):
+    ed = _editor("memit_seq", "distribute")
+    before = W.weights(ed.model)
+    ed.edit(W.REQUESTS[:1], batch_size=1)
+    l0, l1 = ed.edit_layers
+
+    def fail(K, sign=1):
+        raise RuntimeError("accumulate failed")
+
+    def fail_undo(K, sign=1):
+        if sign == -1:
+            raise RuntimeError("undo failed")
+
+    # the last layer's accumulate fails, then so does undoing the first layer's
+    monkeypatch.setattr(ed._solvers[l1], "accumulate", fail)
+    monkeypatch.setattr(ed._solvers[l0], "accumulate", fail_undo)
+    with pytest.raises(EditError, match="stage 'state'"):
+        ed.edit(W.REQUESTS[1:2], batch_size=1)
+    with pytest.raises(EditError, match="restore") as info:
+        ed.edit(W.REQUESTS[2:3], batch_size=1)
+    assert info.value.stage == "state"
+    ed.restore()
+    W.assert_unchanged(ed.model, before)
+    monkeypatch.undo()
+    ed.edit(W.REQUESTS[2:3], batch_size=1)  # usable again, with fresh solvers

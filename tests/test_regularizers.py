@@ -49,3 +49,47 @@ def test_prune_maps_large_singular_values_and_keeps_the_rest():
     assert info["sigma_max_w0"] == pytest.approx(float(s0))
     got_sig = torch.linalg.svdvals(restrained)
     assert_close(got_sig, expect_sig.sort(descending=True).values, 1e-10, "singular values")
+
+
+def _edit(regularizer, arch="gpt2", **changes):
+    import _editing_world as W
+    from fastedit import presets
+    from fastedit.editing import Editor
+
+    tok, model = W.tokenizer(), W.model(arch, dtype=torch.float64)
+    hp = presets.get("tiny").replace(**changes)
+    ed = Editor(model, tok, method="memit_seq", hparams=hp, regularizer=regularizer,
+                stats=W.covariances(model, hp.layers), progress=False)
+    report = ed.edit(W.REQUESTS + W.MORE_REQUESTS, batch_size=4)
+    return ed, report
+
+
+def test_rect_through_the_editor_adds_exactly_the_kept_entries():
+    ed, report = _edit("rect")
+    for layer, info in report.batches[0].layers.items():
+        assert info["rect_kept"] == int(0.4 * ed.adapter.d * ed.adapter.d_k)
+    # after two batches each layer's total change touches at most two masks' worth of entries
+    for layer in ed.edit_layers:
+        w0 = ed._originals[layer].T if ed.adapter.transposed else ed._originals[layer]
+        changed = int((ed.adapter.weight(layer) != w0).sum())
+        assert 0.4 * w0.numel() - 1 <= changed <= 2 * int(0.4 * w0.numel())
+
+
+def test_prune_writes_w0_plus_the_restrained_total_update():
+    # λ small: large updates, so that some singular values of ΔW_total exceed σ_max(W0)
+    raw, _ = _edit(None, lam=0.5)
+    pruned, report = _edit("prune", lam=0.5)
+    assert any(info["restrained"] > 0 for info in report.prune.values())
+    for layer in pruned.edit_layers:
+        w0 = pruned._originals[layer].T if pruned.adapter.transposed else pruned._originals[layer]
+        w_raw = raw.adapter.weight(layer)
+        restrained, info = prune_restrain(w_raw - w0, w0)
+        assert info == pytest.approx(report.prune[layer], rel=1e-10)
+        assert_close(pruned.adapter.weight(layer), w0 + restrained, 1e-10, f"PRUNE layer {layer}")
+        if info["restrained"]:
+            # the buggy variant adds the restrained update on top of the edited weight
+            buggy = w_raw + restrained
+            assert (pruned.adapter.weight(layer) - buggy).norm() > 0.1 * restrained.norm()
+    pruned.restore()
+    for layer in pruned.edit_layers:
+        assert torch.equal(pruned.adapter.weight_param(layer), pruned._originals[layer])

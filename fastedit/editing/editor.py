@@ -22,7 +22,6 @@ import torch
 
 from fastedit.editing.context import context_templates
 from fastedit.editing.hparams import EditParams
-from fastedit.editing.keys import compute_keys
 from fastedit.editing.methods import (METHODS, REGULARIZERS, STRATEGIES, STRATEGY_FUNCS, BatchRun, edited_layers,
                                       make_solver)
 from fastedit.editing.nas import AnchorCache, anchor_key, choose_sample, estimate_anchor, weight_fingerprint
@@ -165,6 +164,7 @@ class Editor:
         self._originals = {l: self.adapter.weight_param(l).detach().clone() for l in self.edit_layers}
         self._fingerprints = {l: weight_fingerprint(model, self.adapter, l) for l in self.edit_layers}
         self._raw_delta: dict = {}
+        self._broken: str | None = None
         self.batches_done = 0
 
     # ---------------------------------------------------------------- set-up
@@ -216,7 +216,7 @@ class Editor:
                                                 length=self.hparams.context_length, seed=0)
         for l in self.edit_layers:
             if l not in self._solvers:
-                self._solvers[l] = make_solver(self.method, self.covariance(l), self.hparams, l, self.strategy)
+                self._solvers[l] = make_solver(self.method, self.covariance(l), self.hparams, l)
         if self.nas:
             anchor_layers = (self.hparams.layers[-1],) if self.strategy == "distribute" else self.edit_layers
             sample = choose_sample(list(nas_requests) if nas_requests is not None else requests,
@@ -247,6 +247,8 @@ class Editor:
         Raises :class:`EditError` (weights of the failing batch restored) naming stage and request.
         """
         t_start = time.perf_counter()
+        if self._broken:
+            raise EditError(self._broken, stage="state")
         requests = self._coerce(requests)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise EditError(f"batch_size must be a positive integer, got {batch_size!r}", stage="validate")
@@ -314,16 +316,12 @@ class Editor:
             STRATEGY_FUNCS[self.strategy](run)
             written = [l for l in self.edit_layers if l in run.layers]
             if written and self._solvers[written[0]].sequential:
-                if self._solvers[written[0]].recompute_keys:
-                    # AlphaEdit: C_p takes the keys of the edited model, after all layers of the batch.
-                    keys = run._timed("keys", compute_keys, self.model, self.tok, self.adapter,
-                                      run.kept_requests, written, templates=self._templates)
-                else:
-                    keys = run.solved_keys
+                # The keys each layer was solved with equal the keys of the edited model (see
+                # fastedit.editing.methods), which AlphaEdit's C_p takes.
                 run.stage = "state"
                 for l in written:
-                    self._solvers[l].accumulate(keys[l].to(torch.float64))
-                    accumulated.append((l, keys[l]))
+                    self._solvers[l].accumulate(run.solved_keys[l])
+                    accumulated.append((l, run.solved_keys[l]))
             if self.regularizer == "prune":
                 run.stage = "state"
                 acc = torch.promote_types(self.adapter.dtype, torch.float32)
@@ -334,13 +332,18 @@ class Editor:
             stage = run.stage
             for l, p in params.items():
                 p.data.copy_(snapshot[l])
-            for l, K in reversed(accumulated):
-                self._solvers[l].accumulate(K.to(torch.float64), sign=-1)
+            try:
+                for l, K in reversed(accumulated):
+                    self._solvers[l].accumulate(K, sign=-1)
+            except BaseException as undo_exc:
+                self._broken = (f"the sequential solver state could not be rolled back after a failed batch "
+                                f"({type(undo_exc).__name__}: {undo_exc}); call restore() to start over")
             which = _describe(batch, start)
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             index = start if len(batch) == 1 else None
-            if isinstance(exc, EditError) and exc.request_index is not None:
-                index = start + exc.request_index  # the stage numbered the request within this batch
+            if isinstance(exc, EditError) and exc.request_index is not None and exc.request_index < len(run.kept):
+                # the stage numbered the request within the (kept) requests it was given
+                index = start + run.kept[exc.request_index]
             raise EditError(f"edit failed at stage {stage!r} on {which}; the weights were restored: {detail}",
                             request_index=index, stage=stage) from exc
         self.batches_done += 1
@@ -394,6 +397,7 @@ class Editor:
             self.adapter.weight_param(l).data.copy_(w)
         self._solvers.clear()
         self._raw_delta.clear()
+        self._broken = None
         self.batches_done = 0
 
 

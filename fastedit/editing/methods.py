@@ -5,7 +5,12 @@ Solvers (ALGORITHMS.md sections 2 and 4), one object per edited layer:
 - ``memit``: ΔW = R Kᵀ(λC0 + KKᵀ)⁻¹ with λC0 factored once; C0 stays fixed across batches.
 - ``memit_seq``: the same with A_t = λC0 + μI + Σ_p K_pK_pᵀ, the keys of every earlier batch.
 - ``alphaedit``: ΔWᵀ = Q(Qᵀ(C_p + KKᵀ)Q + αI)⁻¹QᵀKRᵀ, Q the null space of C0, C_p the keys of
-  earlier batches, recomputed on the edited model once all layers of a batch are edited.
+  earlier batches. The reference recomputes a batch's keys on the edited model after all its
+  layers are edited before adding them to C_p. Layer l's keys are the input of its rewrite module:
+  they depend on the layers below l and on l's attention and up-projection, never on l's or a
+  later layer's rewrite weight, and layers are edited in increasing order, so the keys each layer
+  was solved with ARE the recomputed keys. They are accumulated directly (no extra forward pass);
+  tests/test_methods.py checks the identity against a recomputation.
 
 Strategies (sections 3 and 6):
 
@@ -41,8 +46,6 @@ REGULARIZERS = (None, "rect", "prune")
 class LayerSolver:
     """The closed-form solve of one layer and the state it keeps across batches."""
 
-    #: AlphaEdit accumulates keys recomputed on the edited model, the others the keys it solved with.
-    recompute_keys = False
     sequential = False
 
     def solve(self, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -71,7 +74,6 @@ class MemitSolver(LayerSolver):
 class AlphaEditSolver(LayerSolver):
     """AlphaEdit's reduced null-space solve with ridge α = L2, C_p accumulated across batches."""
 
-    recompute_keys = True
     sequential = True
 
     def __init__(self, C0: torch.Tensor, *, threshold: float, alpha: float, layer: int):
@@ -86,13 +88,10 @@ class AlphaEditSolver(LayerSolver):
         return self.impl.solve(K, R, self.alpha)
 
     def accumulate(self, K, sign=1):
-        if sign == 1:
-            self.impl.accumulate(K)
-        else:
-            self.impl.accumulate(K, sign=sign)
+        self.impl.accumulate(K, sign=sign)
 
 
-def make_solver(method: str, C0: torch.Tensor, hparams, layer: int, strategy: str = "distribute") -> LayerSolver:
+def make_solver(method: str, C0: torch.Tensor, hparams, layer: int) -> LayerSolver:
     """The :class:`LayerSolver` of ``method`` for one layer with covariance C0 (d_k, d_k)."""
     if method == "memit":
         return MemitSolver(C0, hparams.lam, layer=layer)

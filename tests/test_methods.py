@@ -1,0 +1,158 @@
+"""The drivers against written-out references: MEMIT's layer loop (ALGORITHMS.md section 3) in
+float64, the sequential state of MEMIT_seq and AlphaEdit (section 4's recomputed keys)."""
+import copy
+
+import pytest
+import torch
+
+import _editing_world as W
+from fastedit import presets
+from fastedit.editing import Editor, compute_keys, context_templates
+from fastedit.editing import methods as methods_mod
+from fastedit.editing.methods import make_solver
+from fastedit.errors import InputError
+from fastedit.models import capture, get_adapter
+from fastedit.testing import assert_close
+
+
+def _lookup(tok, text_with_slot: str, subject: str):
+    """Token ids of the filled text and the index of the subject's last token (word-level tokenizer)."""
+    at = text_with_slot.index("{}")
+    ids = tok(text_with_slot.replace("{}", subject))["input_ids"]
+    return ids, len(tok(text_with_slot[:at] + subject)["input_ids"]) - 1
+
+
+def _reference_keys(model, tok, requests, layer, templates):
+    """K (d_k, n): per request, the rewrite-module input at the lookup token, averaged within each
+    template group, then over the groups (half bare prompt, half generated contexts)."""
+    ad = get_adapter(model)
+    cols = []
+    for r in requests:
+        groups = []
+        for group in templates:
+            ks = []
+            for t in group:
+                ids, pos = _lookup(tok, t.replace("{}", r.prompt), r.subject)
+                with capture({"k": ad.rewrite_module(layer)}, inputs=True) as got, torch.no_grad():
+                    model(input_ids=torch.tensor([ids]))
+                ks.append(got["k"][0, pos])
+            groups.append(torch.stack(ks).mean(0))
+        cols.append(torch.stack(groups).mean(0))
+    return torch.stack(cols, 1)
+
+
+def _reference_block_outputs(model, tok, requests, layer):
+    ad = get_adapter(model)
+    rows = []
+    for r in requests:
+        ids, pos = _lookup(tok, r.prompt, r.subject)
+        with capture({"h": ad.block(layer)}) as got, torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+        rows.append(got["h"][0, pos])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_memit_driver_equals_written_out_float64_reference(monkeypatch, arch):
+    tok = W.tokenizer()
+    model = W.model(arch, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    hp = presets.get("tiny").replace(layers=(0, 1, 2))
+    stats = W.covariances(model, hp.layers)
+    seen = []
+    real = methods_mod.compute_targets
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(methods_mod, "compute_targets", spy)
+    editor = Editor(model, tok, method="memit", strategy="distribute", hparams=hp, stats=stats, progress=False)
+    editor.edit(W.REQUESTS, batch_size=len(W.REQUESTS))
+    assert len(seen) == 1 and seen[0].z.dtype == torch.float64
+    z = seen[0].z  # same v*: the reference starts from the driver's targets
+
+    # ALGORITHMS.md section 3, plainly: per layer, K and cur on the current model, R divided by the
+    # number of layers left, ΔW = R (solve(λC0 + KKᵀ, K))ᵀ, applied before the next layer.
+    ad = get_adapter(ref)
+    L = hp.layers
+    for i, layer in enumerate(L):
+        K = _reference_keys(ref, tok, W.REQUESTS, layer, editor._templates)
+        cur = _reference_block_outputs(ref, tok, W.REQUESTS, L[-1])
+        R = (z - cur).T / (len(L) - i)
+        dW = R @ torch.linalg.solve(hp.lam * stats[layer] + K @ K.T, K).T
+        ad.weight(layer).add_(dW)
+
+    drv = get_adapter(model)
+    for layer in L:
+        w0 = editor._originals[layer]
+        w0 = w0.T if drv.transposed else w0
+        assert_close(drv.weight(layer) - w0, ad.weight(layer) - w0, 1e-6, f"ΔW of layer {layer}")
+
+
+def _spy_accumulate(monkeypatch, cls):
+    log = []
+    real = cls.accumulate
+
+    def accumulate(self, K, sign=1):
+        log.append((self, K.clone(), sign))
+        return real(self, K, sign)
+
+    monkeypatch.setattr(cls, "accumulate", accumulate)
+    return log
+
+
+@pytest.mark.parametrize("strategy", ["distribute", "blue"])
+def test_alphaedit_accumulates_the_keys_of_the_edited_model(monkeypatch, strategy):
+    """The reference recomputes a batch's keys on the edited model for C_p; the driver adds the
+    keys it solved with. They are the same keys (layer l's keys do not depend on the rewrite
+    weights of layers >= l): checked here against a recomputation after the batch."""
+    tok = W.tokenizer()
+    model = W.model("llama")
+    hp = presets.get("tiny", method="alphaedit", strategy=strategy).replace(layers=(0, 1, 2))
+    stats = W.covariances(model, hp.layers)
+    log = _spy_accumulate(monkeypatch, methods_mod.AlphaEditSolver)
+    editor = Editor(model, tok, method="alphaedit", strategy=strategy, hparams=hp, stats=stats, progress=False)
+    templates = context_templates(model, tok, n=hp.context_n, length=hp.context_length)
+    before = compute_keys(model, tok, editor.adapter, W.REQUESTS, list(hp.layers), templates=templates)
+    editor.edit(W.REQUESTS, batch_size=len(W.REQUESTS))
+    layers = list(editor.edit_layers)
+    assert [s.layer for s, _, sign in log] == layers and all(sign == 1 for *_, sign in log)
+    after = compute_keys(model, tok, editor.adapter, W.REQUESTS, layers, templates=editor._templates)
+    for s, K, _ in log:
+        assert_close(K, after[s.layer], 1e-6, f"accumulated keys of layer {s.layer}")
+    # and the edit did change the keys above the first edited layer, so the check has teeth
+    assert not torch.allclose(before[layers[-1]], after[layers[-1]], rtol=1e-3, atol=1e-5)
+
+
+def test_memit_seq_grows_its_system_and_memit_does_not(monkeypatch):
+    tok = W.tokenizer()
+    hp = presets.get("tiny")
+    log = _spy_accumulate(monkeypatch, methods_mod.MemitSolver)
+    g = torch.Generator().manual_seed(3)
+    for method in ("memit", "memit_seq"):
+        log.clear()
+        model = W.model("llama")
+        stats = W.covariances(model, hp.layers)
+        editor = Editor(model, tok, method=method, hparams=hp, stats=stats, progress=False)
+        editor.edit(W.REQUESTS + W.MORE_REQUESTS, batch_size=3)  # 3 batches
+        layer = hp.layers[0]
+        K = torch.randn(editor.adapter.d_k, 2, dtype=torch.float64, generator=g)
+        R = torch.randn(editor.adapter.d, 2, dtype=torch.float64, generator=g)
+        A = hp.lam * stats[layer]
+        if method == "memit_seq":
+            keys = [k for s, k, _ in log if s is editor._solvers[layer]]
+            assert len(keys) == 3
+            for k in keys:
+                A = A + k.to(torch.float64) @ k.to(torch.float64).T
+        expect = R @ torch.linalg.solve(A + K @ K.T, K).T
+        assert_close(editor._solvers[layer].solve(K, R), expect, 1e-6, f"{method} solve after 3 batches")
+
+
+def test_make_solver_rejects_unknown_methods_and_empty_null_spaces():
+    C0 = torch.eye(5, dtype=torch.float64)
+    hp = presets.get("tiny")
+    with pytest.raises(InputError, match="method"):
+        make_solver("rome", C0, hp, 1)
+    with pytest.raises(InputError, match="null-space threshold"):
+        make_solver("alphaedit", C0, hp.replace(nullspace_threshold=0.5), 1)
