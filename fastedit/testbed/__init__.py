@@ -27,7 +27,7 @@ ARCHS = ("llama", "gpt2")
 #: middle layers (the testbed analogue of MEMIT's critical layers).
 EDIT_MODULES = {"llama": "model.layers.{}.mlp.down_proj", "gpt2": "transformer.h.{}.mlp.c_proj"}
 
-__all__ = ["load", "world", "records", "generic_corpus", "training_info", "edit_layers", "shipped",
+__all__ = ["load", "world", "records", "generic_corpus", "stats", "stats_cached", "training_info", "edit_layers", "shipped",
            "EDIT_MODULES", "World", "RELATIONS"]
 
 
@@ -86,6 +86,58 @@ def world(seed: int | None = None, n_subjects: int | None = None) -> World:
 def generic_corpus(n: int = 10_000, seed: int = 1) -> Iterator[str]:
     """``n`` generic texts (world sentences mixed with filler) for covariance statistics."""
     return world().generic_texts(n, seed=seed)
+
+
+#: Generic documents of the testbed statistics pass. C0 from 1000 documents (~16k tokens, d_k = 512)
+#: differs from C0 from 5000 by a few percent (relative Frobenius), and the edits made with either
+#: score the same, so the demo takes the smaller pass (a few seconds on a CPU).
+STATS_DOCS = 1000
+
+
+def _stats_request(arch: str, cache_dir, n_docs: int):
+    from fastedit.stats.cache import default_cache_dir, layer_path, stats_dir
+
+    if not isinstance(n_docs, int) or n_docs < 1:
+        raise InputError(f"n_docs must be a positive int, got {n_docs!r}")
+    cache_dir = default_cache_dir() if cache_dir is None else pathlib.Path(cache_dir)
+    name, corpus = f"fastedit-testbed-{arch}", f"testbed-generic-{n_docs}"
+    return cache_dir, name, corpus, (lambda l: layer_path(stats_dir(cache_dir, name, corpus), l))
+
+
+def stats_cached(arch: str = "llama", *, layers=None, cache_dir=None, n_docs: int = STATS_DOCS) -> bool:
+    """Whether :func:`stats` would load every layer from the cache instead of computing it."""
+    _, _, _, path = _stats_request(arch, cache_dir, n_docs)
+    return all(path(l).is_file() for l in (layers if layers is not None else _stats_layers(arch)))
+
+
+def _stats_layers(arch: str) -> list[int]:
+    import json as _json
+
+    n = _json.loads((_asset_dir(arch) / "config.json").read_text())
+    n = n.get("num_hidden_layers", n.get("n_layer"))
+    return list(range(n))
+
+
+def stats(arch: str = "llama", *, model=None, tokenizer=None, layers=None, cache_dir=None,
+          n_docs: int = STATS_DOCS, progress: bool = False) -> dict:
+    """C0 of the testbed model: ``{layer: CovarianceAccumulator}`` for ``layers`` (default every
+    layer, so any preset's layers are covered), from the real statistics pass
+    (:func:`fastedit.stats.collect_stats`) over the first ``n_docs`` texts of
+    :func:`generic_corpus`; ``.mean()`` is C0_l = Σ_t k_t k_tᵀ / #tokens, (d_k, d_k) float64.
+
+    Cached on disk under ``cache_dir`` (default ``$FASTEDIT_CACHE_DIR/stats`` or
+    ``~/.cache/fastedit/stats``), so the pass runs once per ``arch`` and ``n_docs``. ``model`` and
+    ``tokenizer`` default to :func:`load` ``(arch)``; pass them to save loading twice.
+    """
+    from fastedit.stats import collect_stats
+    from fastedit.stats.corpus import SequenceCorpus
+
+    cache_dir, name, corpus, _ = _stats_request(arch, cache_dir, n_docs)
+    if model is None or tokenizer is None:
+        model, tokenizer = load(arch)
+    layers = list(layers) if layers is not None else _stats_layers(arch)
+    docs = SequenceCorpus(list(generic_corpus(n_docs)), name=corpus)
+    return collect_stats(model, tokenizer, layers, docs, cache_dir=cache_dir, model_name=name, progress=progress)
 
 
 def _case(w: World, case_id: int, known: set) -> dict:

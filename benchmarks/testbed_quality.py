@@ -1,0 +1,142 @@
+"""Editing quality on the shipped testbed model in sequential editing, for the README.
+
+    python benchmarks/testbed_quality.py [--n 1000] [--batch-size 100] [--eval-every 2]
+
+Edits ``--n`` facts of distinct subjects of the testbed Llama in sequential batches
+with MEMIT, AlphaEdit, MEMIT+BLUE and AlphaEdit+BLUE, each with and without NAS (preset
+``testbed-<arch>``), and writes
+
+- ``benchmarks/results/testbed_quality.json``: per config the final CounterFact metrics on all
+  edited facts (efficacy, generalization, specificity, score, fluency on ``--fluency-n`` of
+  them) and the curve (edits so far, efficacy on the edits so far, ‖W‖/‖W0‖ of each layer);
+- ``benchmarks/results/testbed_quality.md``: the table;
+- ``benchmarks/results/testbed_nas.png``: edited-weight norm growth and efficacy against the
+  number of edits, with and without NAS (needs matplotlib, the optional [bench] extra).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import pathlib
+import time
+
+CONFIGS = [("memit", "distribute"), ("alphaedit", "distribute"), ("memit", "blue"), ("alphaedit", "blue")]
+NAMES = {("memit", "distribute"): "MEMIT", ("alphaedit", "distribute"): "AlphaEdit",
+         ("memit", "blue"): "MEMIT+BLUE", ("alphaedit", "blue"): "AlphaEdit+BLUE"}
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def measure(arch: str, n: int, batch_size: int, eval_every: int, fluency_n: int, configs, log) -> list:
+    from fastedit import presets, testbed
+    from fastedit.editing.editor import Editor
+    from fastedit.editing.requests import load_records, requests_from_records
+    from fastedit.eval import evaluate
+
+    model, tok = testbed.load(arch)
+    # One fact per subject, as in CounterFact: facts of one subject share its keys (the subject
+    # comes before the relation in every prompt), so two of them in one run would contend.
+    pool = testbed.records(None, arch=arch)
+    random.Random(0).shuffle(pool)
+    seen: set = set()
+    distinct = [r for r in pool if r["requested_rewrite"]["subject"] not in seen
+                and not seen.add(r["requested_rewrite"]["subject"])]
+    if n > len(distinct):
+        raise SystemExit(f"--n {n} exceeds the {len(distinct)} subjects of the testbed")
+    records = load_records(distinct[:n])
+    requests = requests_from_records(records)
+    # The curve needs only efficacy: the rewrite prompt of each record, 1/40 of a full evaluation.
+    rewrite_only = [{**r, "paraphrase_prompts": [], "neighborhood_prompts": [], "attribute_prompts": [],
+                     "generation_prompts": []} for r in records]
+    stats = testbed.stats(arch, model=model, tokenizer=tok)
+    base = evaluate(model, tok, records, progress=False)
+    out = [{"config": "unedited", "efficacy": base["efficacy"], "generalization": base["generalization"],
+            "specificity": base["specificity"], "score": base["score"]}]
+    for method, strategy, nas in configs:
+        name = NAMES[(method, strategy)] + (" + NAS" if nas else "")
+        hp = presets.get(f"testbed-{arch}", method=method, strategy=strategy)
+        editor = Editor(model, tok, method=method, strategy=strategy, nas=nas, hparams=hp, stats=stats,
+                        progress=False)
+        curve, t0, edit_s, dropped = [], time.perf_counter(), 0.0, 0
+        for b, start in enumerate(range(0, n, batch_size)):
+            # The anchor sample is the first batch, on the unedited model, for every later batch too.
+            rep = editor.edit(requests[start:start + batch_size], batch_size=batch_size,
+                              nas_requests=requests[:batch_size])
+            edit_s += rep.seconds
+            dropped += len(rep.dropped)
+            done = min(start + batch_size, n)
+            if (b + 1) % eval_every == 0 or done == n:
+                eff = evaluate(model, tok, rewrite_only[:done], progress=False)["efficacy"]
+                growth = {str(l): v["growth"] for l, v in editor.weight_norms().items()}
+                curve.append({"edits": done, "efficacy": eff, "weight_growth": growth})
+                log(f"{name}: {done} edits, efficacy {eff:.1f}, weight growth {growth}")
+        final = evaluate(model, tok, records, progress=False)
+        flu = evaluate(model, tok, records[:fluency_n], fluency=True, progress=False)["fluency"]
+        row = {"config": name, "method": method, "strategy": strategy, "nas": nas,
+               "efficacy": final["efficacy"], "generalization": final["generalization"],
+               "specificity": final["specificity"], "score": final["score"], "fluency": flu,
+               "dropped": dropped, "edit_seconds": edit_s, "seconds": time.perf_counter() - t0, "curve": curve}
+        out.append(row)
+        log(json.dumps({k: v for k, v in row.items() if k != "curve"}))
+        editor.restore()
+    return out
+
+
+def table(rows: list, header: str) -> str:
+    lines = [header, "", "| config | efficacy | generalization | specificity | score | fluency | NAS dropped |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        f = lambda k: f"{r[k]:.1f}" if isinstance(r.get(k), (int, float)) else "–"
+        lines.append(f"| {r['config']} | {f('efficacy')} | {f('generalization')} | {f('specificity')} | "
+                     f"{f('score')} | {f('fluency')} | {r.get('dropped', '–')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list, path: pathlib.Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_w, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        if not r.get("curve"):
+            continue
+        x = [c["edits"] for c in r["curve"]]
+        style = "-" if r["nas"] else "--"
+        growth = [max(c["weight_growth"].values()) for c in r["curve"]]
+        ax_w.plot(x, growth, style, marker="o", label=r["config"])
+        ax_e.plot(x, [c["efficacy"] for c in r["curve"]], style, marker="o", label=r["config"])
+    ax_w.set(xlabel="edits", ylabel="‖W‖ / ‖W0‖ (largest edited layer)", title="edited-weight norm")
+    ax_e.set(xlabel="edits", ylabel="efficacy on the edits so far (%)", title="efficacy")
+    ax_e.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="llama")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=1, help="evaluate efficacy every this many batches")
+    ap.add_argument("--fluency-n", type=int, default=20, help="facts whose generations measure fluency")
+    ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    configs = [(m, s, nas) for m, s in CONFIGS for nas in (False, True)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(time.strftime("%H:%M:%S"), msg, flush=True)
+    rows = measure(args.arch, args.n, args.batch_size, args.eval_every, args.fluency_n, configs, log)
+    header = (f"Testbed {args.arch} (fastedit.testbed), {args.n} facts edited sequentially in batches of "
+              f"{args.batch_size}, preset testbed-{args.arch}; metrics on all edited facts, fluency on the "
+              f"first {args.fluency_n}.")
+    (args.out / "testbed_quality.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    (args.out / "testbed_quality.md").write_text(table(rows, header))
+    plot(rows, args.out / "testbed_nas.png", header)
+    print(table(rows, header))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
