@@ -206,6 +206,31 @@ def test_woodbury_solve_zero_columns_of_b(backend, gen):
     assert backend[1](L, U, s, B).shape == (6, 0)
 
 
+@pytest.mark.cuda
+def test_cuda_ops_match_float64_and_the_cpu_ops(ops, gen):
+    if not _ext.available_for("cuda"):
+        pytest.fail(f"the extension was built without its CUDA ops: {_ext._LOADER.cuda_error}")
+    n = 31
+    A = random_spd(n, batch=(4,), cond=1e2, generator=gen)
+    A[1, 5, 5] = -1.0  # pivot 6 negative
+    A[2, 9, 3] = A[2, 3, 9] = float("nan")  # pivot 10 NaN
+    for dtype in DTYPES:
+        A_d = A.to(dtype)
+        L, info, min_pivot = ops.cholesky_ex(A_d.cuda())
+        L_cpu, info_cpu, min_pivot_cpu = ops.cholesky_ex(A_d)
+        assert info.tolist() == [0, 6, 10, 0] == info_cpu.tolist()
+        tol = 1e-6 if dtype == torch.float64 else 1e-3
+        assert_close(min_pivot[[0, 1, 3]], min_pivot_cpu[[0, 1, 3]], tol, "pivots on CUDA")
+        assert torch.isnan(min_pivot[2])
+        assert_close(L[[0, 3]], torch.linalg.cholesky(A[[0, 3]]), tol, "L on CUDA")
+        torch.library.opcheck(torch.ops.fastedit.cholesky_ex.default, (A_d.cuda(),))
+    for m in (0, 7):
+        L, U, s, B, A_dense = _woodbury_case(67, m, 5, (2,), gen)
+        args = tuple(t.cuda() for t in (L, U, s, B))
+        assert_close(ops.woodbury_solve(*args), torch.linalg.solve(A_dense, B), 1e-6, "X on CUDA")
+        torch.library.opcheck(torch.ops.fastedit.woodbury_solve.default, args)
+
+
 # ---------------------------------------------------------------------------------------------
 # input checks: InputError from the wrappers, actionable RuntimeErrors at the C++ boundary
 
