@@ -291,6 +291,8 @@ def test_torch_compile_fullgraph(ops, gen):
         L, info, min_pivot = _ext.cholesky_ex(A0)
         return _ext.woodbury_solve(L, U, s, B), info, min_pivot
 
+    # aot_eager: dynamo, the fake implementations and AOT tracing of the whole graph, without
+    # inductor's C++ code generation (a compiler run per test on CI's two cores).
     compiled = torch.compile(solve, fullgraph=True, backend="aot_eager")
     X, info, min_pivot = compiled(A0, U, s, B)
     assert info.item() == 0 and min_pivot.item() > 0
