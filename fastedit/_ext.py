@@ -156,7 +156,12 @@ class _Loader:
         """Build (unless cached) and load; raise ExtensionError when no build loads. A failed
         CUDA build falls back to a CPU-only one and leaves its reason in ``cuda_error``."""
         with self._lock:
-            if self.ops is not None and not force:
+            if self.ops is not None:
+                if force:
+                    raise ExtensionError(
+                        f"the extension is already loaded in this process from {self.path}; rebuild it "
+                        "from a fresh process (`fastedit build-ext --force`)"
+                    )
                 return self.path
             cuda_arch, self.cuda_error = _cuda_build_config()
             try:
