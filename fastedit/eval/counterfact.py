@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
 
 from fastedit.errors import InputError
 from fastedit.eval import consistency as _consistency
@@ -89,14 +88,9 @@ def evaluate_counterfact(model, tokenizer, records: Sequence[dict], *, batch_siz
                     prompts.append(p)
                     targets.append(t)
                     where.append((i, kind, k, is_new))
-    # Sorting by length keeps padding small; the scores are put back in place afterwards.
-    order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]) + len(targets[j]))
-    with tqdm(total=len(order), desc="CounterFact", unit="prompt", disable=not progress) as bar:
-        nll_sorted, _ = target_scores(model, tokenizer, [prompts[j] for j in order],
-                                      [targets[j] for j in order], batch_size=batch_size,
-                                      padding_side=padding_side, progress=bar)
-    nll = torch.empty(len(order), dtype=torch.float64)
-    nll[torch.tensor(order)] = nll_sorted
+    with tqdm(total=len(prompts), desc="CounterFact", unit="prompt", disable=not progress) as bar:
+        nll, _ = target_scores(model, tokenizer, prompts, targets, batch_size=batch_size,
+                               padding_side=padding_side, progress=bar)
     table = [{kind: {} for kind in KINDS} for _ in records]
     for (i, kind, k, is_new), v in zip(where, nll.tolist()):
         table[i][kind].setdefault(k, [None, None])[0 if is_new else 1] = v

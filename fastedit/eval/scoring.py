@@ -118,12 +118,16 @@ def target_scores(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
                   progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`score_pairs` over any number of pairs, ``batch_size`` pairs per forward.
 
-    Returns (nll, token_accuracy), each (n,) float64 on the CPU. ``progress`` is an optional
-    tqdm bar advanced by the number of pairs scored.
+    Pairs are scored in order of length, so each batch pads little, and the scores come back in
+    the input order. Returns (nll, token_accuracy), each (n,) float64 on the CPU. ``progress`` is
+    an optional tqdm bar advanced by the number of pairs scored.
     """
+    order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]) + len(targets[j]))
     nll, acc = [], []
-    for sl in _batches(len(prompts), batch_size):
-        enc = encode_pairs(tokenizer, prompts[sl], targets[sl], padding_side=padding_side)
+    for sl in _batches(len(order), batch_size):
+        rows = order[sl]
+        enc = encode_pairs(tokenizer, [prompts[j] for j in rows], [targets[j] for j in rows],
+                           padding_side=padding_side)
         a, b = score_pairs(model, enc)
         nll.append(a)
         acc.append(b)
@@ -131,7 +135,9 @@ def target_scores(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
             progress.update(sl.stop - sl.start)
     if not nll:
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-    return torch.cat(nll), torch.cat(acc)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(nll)[back], torch.cat(acc)[back]
 
 
 def _left_padded(tokenizer, prompts: Sequence[str]):
@@ -173,7 +179,6 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     for sl in _batches(len(prompts), batch_size):
         ids, mask = _left_padded(tokenizer, prompts[sl])
         ids, mask = ids.to(dev), mask.to(dev)
-        n_prompt = ids.shape[1]
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
                     use_cache=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 
 from fastedit.errors import InputError
 from fastedit.eval.scoring import target_scores
@@ -50,13 +49,9 @@ def evaluate_zsre(model, tokenizer, records: Sequence[dict], *, batch_size: int 
             prompts.append(p)
             targets.append(t)
             where.append((i, kind))
-    order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]) + len(targets[j]))
-    with tqdm(total=len(order), desc="zsRE", unit="prompt", disable=not progress) as bar:
-        _, acc_sorted = target_scores(model, tokenizer, [prompts[j] for j in order],
-                                      [targets[j] for j in order], batch_size=batch_size,
-                                      padding_side=padding_side, progress=bar)
-    acc = torch.empty(len(order), dtype=torch.float64)
-    acc[torch.tensor(order)] = acc_sorted
+    with tqdm(total=len(prompts), desc="zsRE", unit="prompt", disable=not progress) as bar:
+        _, acc = target_scores(model, tokenizer, prompts, targets, batch_size=batch_size,
+                               padding_side=padding_side, progress=bar)
     per = [{kind: [] for kind, _ in _RATES} for _ in records]
     for (i, kind), a in zip(where, acc.tolist()):
         per[i][kind].append(a)
