@@ -23,6 +23,10 @@ Strategies (sections 3 and 6):
 Value post-processing ``nas`` and the weight-side ``rect`` hook in here; ``prune`` acts after a
 whole sequence and lives in the Editor. The MLP output adds straight into the residual stream,
 so ΔW K ≈ R, with R a residual-stream difference, is the write both references make.
+Where a norm sits between the MLP output and the residual stream (Gemma 2/3, OLMo 2/3), a
+residual-stream difference is not what ΔW K adds, so targets and current values are taken in
+the rewrite module's output space instead: the target v* = v0 + δ and cur = the rewrite
+module's output at the lookup token (``BatchRun.value_space``).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from typing import Callable
 import torch
 
 from fastedit import linalg
-from fastedit.editing.keys import block_outputs_at_lookup, compute_keys
+from fastedit.editing.keys import block_outputs_at_lookup, compute_keys, values_at_lookup
 from fastedit.editing.nas import apply_anchor
 from fastedit.editing.regularizers import rect
 from fastedit.editing.targets import compute_targets
@@ -152,17 +156,26 @@ class BatchRun:
         return [self.requests[i] for i in self.kept]
 
     # -- steps
+    def value_space(self, layer: int) -> bool:
+        """Whether targets and residuals at ``layer`` live in the rewrite module's output space
+        (a post-MLP norm sits between it and the residual stream) instead of the block's."""
+        return self.adapter.post_mlp_norm(layer) is not None
+
     def targets(self, layer: int) -> torch.Tensor:
-        """z (n_kept, d) in float64 at ``layer`` for the kept requests; NAS may drop some."""
+        """z (n_kept, d) in float64 at ``layer`` for the kept requests (v* = v0 + δ where
+        :meth:`value_space`); NAS may drop some."""
         t = self._timed("targets", compute_targets, self.model, self.tok, self.adapter, self.kept_requests, layer,
                         templates=self.templates, hparams=self.vparams)
         rec = {"steps": _tolist(t.steps), "loss": _tolist(t.loss), "nll": _tolist(t.nll),
                "delta_norm": _tolist(t.delta.to(torch.float64).norm(dim=-1)), "requests": list(self.kept)}
         self.vstar[layer] = rec
-        z = t.z.to(torch.float64)
+        values = self.value_space(layer)
+        z = (t.v0.to(torch.float64) + t.delta.to(torch.float64)) if values else t.z.to(torch.float64)
         if self.anchors is not None:
             self.stage = "nas"
-            a = apply_anchor(t.h_init, t.v0, t.delta, self.anchors[layer], self.hparams.nas_max_ratio)
+            # In the value space the target is the rescaled v* itself: h_init − v0 drops out.
+            a = apply_anchor(t.v0 if values else t.h_init, t.v0, t.delta, self.anchors[layer],
+                             self.hparams.nas_max_ratio)
             rec["v_norm"] = _tolist(a.v_norm)
             keep = a.keep.cpu().tolist()
             for pos, k in enumerate(keep):
@@ -182,9 +195,10 @@ class BatchRun:
         return K.to(torch.float64)
 
     def current(self, layer: int) -> torch.Tensor:
-        """The block output at ``layer`` and each kept request's lookup token, (n_kept, d) float64."""
-        cur = self._timed("residual", block_outputs_at_lookup, self.model, self.tok, self.adapter, self.kept_requests,
-                          layer)
+        """The block output at ``layer`` and each kept request's lookup token, (n_kept, d) float64
+        (the rewrite module's output there where :meth:`value_space`)."""
+        read = values_at_lookup if self.value_space(layer) else block_outputs_at_lookup
+        cur = self._timed("residual", read, self.model, self.tok, self.adapter, self.kept_requests, layer)
         return cur.to(torch.float64)
 
     def solve_and_apply(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> None:

@@ -22,6 +22,11 @@ For edit i with lookup (last subject) token, find an offset δ_i added to the ou
   ‖δ‖ ≤ clamp_norm_factor · ‖h_init‖. So at most v_num_grad_steps − 1 steps are taken.
 - h_init is block ``layer``'s output at the lookup token of the first prompt (the bare "{}"
   template); z = h_init + δ. v0 is the rewrite module's output there (NAS: v* = v0 + δ).
+- Where a norm sits between the rewrite module and the residual stream (Gemma 2/3, OLMo 2/3),
+  δ is added to the rewrite module's output, where the update lands, so the block output moves
+  by post(m + δ) − post(m) (:meth:`ModelAdapter.block_offset`) and z = h_init + that offset;
+  the solve then targets v* = v0 + δ in the rewrite module's output space. For the pre-norm
+  families the offset is δ itself and both readings coincide.
 
 Batched: all edits' prompts go through one forward and one backward per iteration, with the
 loss summed over the edits still running. The prompts of different edits share no computation
@@ -93,7 +98,8 @@ class VStarParams:
 class Targets:
     """Result of :func:`compute_targets` for n edits at one layer (rows follow the requests).
 
-    z, h_init, delta, v0: (n, d), z = h_init + delta. steps: (n,) Adam steps taken.
+    z, h_init, delta, v0: (n, d), z = h_init + delta (h_init + post(v0 + δ) − post(v0) with a
+    post-MLP norm). steps: (n,) Adam steps taken.
     loss, nll: (n,) total loss and target NLL at the last evaluation (the one that stopped).
     """
 
@@ -225,6 +231,8 @@ class _Run:
         c, b = self.chunk, view.batch
         self.h_init = got["h"][c.first_row, b.lookup[c.first_row]].to(self.dtype)
         self.v0 = got["v"][c.first_row, b.lookup[c.first_row]].to(self.dtype)
+        # The rewrite module's output at every row's lookup token: where δ lands (block_offset).
+        self.m_rows = got["v"][torch.arange(len(b), device=b.lookup.device), b.lookup].to(self.dtype)
         self.p_init = _log_probs(ad, got["last"][view.kl_row, view.kl_pos], self.dtype)
 
     def use(self, edits: torch.Tensor) -> None:
@@ -240,7 +248,8 @@ class _Run:
         """Per-edit (loss, nll) of the current view's edits, as (m,) tensors (0 elsewhere)."""
         view, ad = self.view, self.adapter
         b = view.batch
-        d_rows = delta[view.row_edit].to(ad.dtype)
+        rows = self.chunk.rows_of(view.edits)
+        d_rows = ad.block_offset(self.layer, self.m_rows[rows], delta[view.row_edit]).to(ad.dtype)
         width = b.input_ids.shape[1]
         add = torch.zeros((len(b), width, ad.d), dtype=ad.dtype, device=delta.device)
         add = add.index_put((torch.arange(len(b), device=delta.device), b.lookup), d_rows)
@@ -312,7 +321,9 @@ def _optimise(run: _Run, indices: list[int], bar) -> tuple:
             scale = torch.where(norm > radius[idx, None], radius[idx, None] / norm, torch.ones_like(norm))
             delta[idx] = new * scale
     delta = delta.detach()
-    return run.h_init + delta, run.h_init, delta, run.v0, steps, final_loss, final_nll
+    with torch.no_grad():
+        z = run.h_init + run.adapter.block_offset(run.layer, run.v0, delta)
+    return z, run.h_init, delta, run.v0, steps, final_loss, final_nll
 
 
 def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[Request], layer: int, *,

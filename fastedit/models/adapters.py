@@ -20,13 +20,19 @@ from fastedit.errors import InputError
 
 @dataclass(frozen=True)
 class Layout:
-    """Module-name templates of one architecture; ``{}`` is the layer index."""
+    """Module-name templates of one architecture; ``{}`` is the layer index.
+
+    ``post_mlp_norm`` names the norm that some families (Gemma 2/3, OLMo 2/3) apply to the MLP
+    output before adding it to the residual stream: block output = residual + post(m), m the
+    rewrite module's output. ``None`` for the pre-norm families, where block output = residual + m.
+    """
 
     block: str
     rewrite: str
     final_norm: str
     lm_head: str
     embed: str
+    post_mlp_norm: str | None = None
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -35,9 +41,12 @@ LAYOUTS: dict[str, Layout] = {
     "gpt_neox": Layout("gpt_neox.layers.{}", "gpt_neox.layers.{}.mlp.dense_4h_to_h",
                        "gpt_neox.final_layer_norm", "embed_out", "gpt_neox.embed_in"),
 }
-for _name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"):
+for _name in ("llama", "mistral", "qwen2", "qwen3", "gemma"):
     LAYOUTS[_name] = Layout("model.layers.{}", "model.layers.{}.mlp.down_proj", "model.norm", "lm_head",
                             "model.embed_tokens")
+for _name in ("gemma2", "gemma3_text", "olmo2", "olmo3"):
+    LAYOUTS[_name] = Layout("model.layers.{}", "model.layers.{}.mlp.down_proj", "model.norm", "lm_head",
+                            "model.embed_tokens", post_mlp_norm="model.layers.{}.post_feedforward_layernorm")
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:
@@ -100,6 +109,38 @@ class ModelAdapter:
         w = self.weight_param(layer).data
         return w.T if self.transposed else w
 
+    def post_mlp_norm(self, layer: int) -> nn.Module | None:
+        """The norm between the rewrite module's output and the residual stream, or None."""
+        if self.layout.post_mlp_norm is None:
+            return None
+        return _get(self.model, self.layout.post_mlp_norm.format(self.check_layer(layer)))
+
+    def block_offset(self, layer: int, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Change of block ``layer``'s output at a token whose rewrite-module output moves from
+        ``m`` to ``m + delta`` (both (..., d)): ``delta`` itself for the pre-norm families,
+        ``post(m + delta) − post(m)`` where a post-MLP norm sits in between. Differentiable in
+        ``delta``; v* optimises δ at the rewrite module's output through this, so that the
+        update ΔW·k = δ is exactly what the model computes (ALGORITHMS.md section 5)."""
+        post = self.post_mlp_norm(layer)
+        if post is None:
+            return delta
+        return post(m + delta) - post(m)
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """Gemma-style final-logit soft-capping c (logits = c·tanh(logits / c)), or None."""
+        cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits the model reads from a last-block output (..., d): the LM head of the
+        final norm, soft-capped where the config says so."""
+        out = self.lm_head(self.final_norm(hidden))
+        cap = self.logit_softcap
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out
+
     @property
     def final_norm(self) -> nn.Module:
         return _get(self.model, self.layout.final_norm)
@@ -126,20 +167,23 @@ class ModelAdapter:
 
 
 def get_adapter(model: nn.Module, *, block: str | None = None, rewrite: str | None = None,
-                final_norm: str | None = None, lm_head: str | None = None, embed: str | None = None
-                ) -> ModelAdapter:
+                final_norm: str | None = None, lm_head: str | None = None, embed: str | None = None,
+                post_mlp_norm: str | None = None) -> ModelAdapter:
     """The adapter of ``model``: detected from ``config.model_type``, each template overridable.
 
-    For an architecture not in :data:`LAYOUTS`, pass all five templates.
+    For an architecture not in :data:`LAYOUTS`, pass the five required templates
+    (``post_mlp_norm`` too where the family normalises the MLP output).
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     base = LAYOUTS.get(model_type)
     given = dict(block=block, rewrite=rewrite, final_norm=final_norm, lm_head=lm_head, embed=embed)
     if base is None:
         missing = [k for k, v in given.items() if v is None]
+        given["post_mlp_norm"] = post_mlp_norm
         if missing:
             raise InputError(f"no built-in layout for model_type {model_type!r} (known: {', '.join(sorted(LAYOUTS))}); "
                              f"pass the module-name templates {', '.join(missing)} to get_adapter")
         return ModelAdapter(model, Layout(**given))
     fields = {k: (v if v is not None else getattr(base, k)) for k, v in given.items()}
+    fields["post_mlp_norm"] = post_mlp_norm if post_mlp_norm is not None else base.post_mlp_norm
     return ModelAdapter(model, Layout(**fields))

@@ -72,9 +72,8 @@ def record_blocks(adapter: ModelAdapter, first: int, last: int) -> Iterator[Bloc
 
 
 def logits_from_hidden(adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
-    """``lm_head(final_norm(hidden))``: the logits the model reads from a last-block output (..., d).
-
-    Equals the model's own logits for the supported architectures; a model with extra output
-    processing (e.g. logit soft-capping) differs, which callers check against a real forward.
+    """The logits the model reads from a last-block output (..., d): :meth:`ModelAdapter.logits`
+    (``lm_head(final_norm(hidden))``, soft-capped where the model does so). Callers check it
+    against a real forward, so a model with other output processing is refused, not misread.
     """
-    return adapter.lm_head(adapter.final_norm(hidden))
+    return adapter.logits(hidden)
