@@ -200,16 +200,28 @@ class _Loader:
                 return False  # this build would be tried first: it needs the compiler
         return False
 
-    def _compile(self, cuda_arch: str | None, cuda_home: pathlib.Path | None, *, force: bool,
-                 verbose: bool) -> pathlib.Path:
-        sources = self._sources or source_dir()
+    def _build_one(self, cuda_arch: str | None, cuda_home: pathlib.Path | None, *, force: bool,
+                   verbose: bool) -> pathlib.Path:
+        """Load one build configuration, compiling it unless cached; a failure is recorded in
+        its folder and raised again (without compiling) until ``force`` clears it."""
         directory = self.build_dir(cuda_arch, cuda_home)
-        library = directory / f"{_NAME}.so"
+        failed = directory / _FAILED
         if force and directory.exists():
             shutil.rmtree(directory)
-        failed = directory / _FAILED
         if failed.is_file():
             raise ExtensionError(f"{failed.read_text().strip()} (recorded in {failed}; {_RETRY})")
+        try:
+            return self._compile(cuda_arch, cuda_home, directory, verbose=verbose)
+        except Exception as exc:
+            message = _describe_failure(exc, "CUDA" if cuda_arch else "CPU")
+            directory.mkdir(parents=True, exist_ok=True)
+            failed.write_text(message + "\n")
+            raise ExtensionError(f"{message} ({_RETRY})") from exc
+
+    def _compile(self, cuda_arch: str | None, cuda_home: pathlib.Path | None, directory: pathlib.Path, *,
+                 verbose: bool) -> pathlib.Path:
+        sources = self._sources or source_dir()
+        library = directory / f"{_NAME}.so"
         _define_ops()
         if (directory / _COMPLETE).is_file() and library.is_file():
             torch.ops.load_library(str(library))
@@ -237,10 +249,6 @@ class _Loader:
                 with_cuda=bool(cuda_arch),
                 is_python_module=False,
             )
-        except Exception as exc:
-            what = "CUDA" if cuda_arch else "CPU"
-            failed.write_text(_describe_failure(exc, what) + "\n")
-            raise ExtensionError(f"{_describe_failure(exc, what)} ({_RETRY})") from exc
         finally:
             cpp_extension.CUDA_HOME = saved_home
             for k, v in saved_env.items():
@@ -265,13 +273,13 @@ class _Loader:
                 return self.path
             cuda_arch, cuda_home, self.cuda_error = _cuda_build_config()
             try:
-                self.path = self._compile(cuda_arch, cuda_home, force=force, verbose=verbose)
+                self.path = self._build_one(cuda_arch, cuda_home, force=force, verbose=verbose)
             except ExtensionError as exc:
                 if cuda_arch is None:
                     raise
                 self.cuda_error = str(exc)
                 cuda_arch = None
-                self.path = self._compile(None, None, force=force, verbose=verbose)
+                self.path = self._build_one(None, None, force=force, verbose=verbose)
             self.with_cuda = cuda_arch is not None
             self.ops = torch.ops.fastedit
             if _torch_has_cuda() and not self.with_cuda and _required():

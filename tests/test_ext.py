@@ -358,3 +358,83 @@ def test_cli_build_ext_reports_the_library(ops, capsys):
     assert main(["build-ext"]) == 0
     out = capsys.readouterr().out
     assert str(_ext._LOADER.path) in out and "CPU" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA toolkit, and a failed CUDA build: recorded once, an error when required
+
+
+def _fake_toolkit(root):
+    """A toolkit folder (bin/nvcc answering the dry run like nvcc, include/cuda_runtime.h) and
+    a wrapper script elsewhere on PATH that execs it, as on machines where torch's guess fails."""
+    real = root / "cuda-13.0"
+    (real / "bin").mkdir(parents=True)
+    (real / "include").mkdir()
+    (real / "include" / "cuda_runtime.h").write_text("")
+    nvcc = real / "bin" / "nvcc"
+    nvcc.write_text(f'#!/bin/sh\necho "#$ _HERE_={real / "bin"}" >&2\necho "release 13.0, V13.0.88"\n')
+    nvcc.chmod(0o755)
+    wrapper = root / "wrap" / "bin"
+    wrapper.mkdir(parents=True)
+    (wrapper / "nvcc").write_text(f'#!/bin/sh\nexec {nvcc} "$@"\n')
+    (wrapper / "nvcc").chmod(0o755)
+    return real, wrapper
+
+
+def test_toolkit_found_through_a_wrapper_script_and_from_cuda_home(tmp_path, monkeypatch):
+    real, wrapper = _fake_toolkit(tmp_path)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrapper}{os.pathsep}{os.environ['PATH']}")
+    assert _ext.find_cuda_home() == real.resolve()
+    assert _ext.nvcc_release(real.resolve()) == "release 13.0, V13.0.88"
+    other, _ = _fake_toolkit(tmp_path / "other")
+    monkeypatch.setenv("CUDA_PATH", str(other))
+    assert _ext.find_cuda_home() == other.resolve()
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "wrap"))  # no include/: not a toolkit
+    assert _ext.find_cuda_home() == other.resolve()
+
+
+def _failing_cuda_compile(calls):
+    """A stand-in for the compiler: the CUDA build fails as with a wrongly inferred CUDA_HOME,
+    the CPU one succeeds. Records every compile; the loader's own recording code runs."""
+
+    def compile_(self, cuda_arch, cuda_home, directory, *, verbose):
+        calls.append(cuda_arch)
+        if cuda_arch is not None:
+            raise RuntimeError("Error building extension\nfatal error: cuda_runtime.h: No such file or directory")
+        return directory / "fastedit_ext.so"
+
+    return compile_
+
+
+def test_failed_cuda_build_is_recorded_not_retried_and_fails_build_ext_when_required(tmp_path, monkeypatch, capsys):
+    real, _ = _fake_toolkit(tmp_path)
+    calls = []
+    monkeypatch.delenv("FASTEDIT_NO_EXT", raising=False)
+    monkeypatch.setattr(_ext, "_torch_has_cuda", lambda: True)
+    monkeypatch.setattr(_ext, "_cuda_build_config", lambda: ("9.0", real, ""))
+    monkeypatch.setattr(_ext._Loader, "_compile", _failing_cuda_compile(calls))
+    root = tmp_path / "cache"
+
+    monkeypatch.setenv("FASTEDIT_REQUIRE_EXT", "1")
+    monkeypatch.setattr(_ext, "_LOADER", _ext._Loader(root=root))
+    args = type("Args", (), {"force": False, "verbose": False})()
+    assert _ext.run(args) == 1
+    assert "cuda_runtime.h" in capsys.readouterr().err
+    assert calls == ["9.0", None]
+
+    # A later process: the recorded failure stands, no second CUDA compile, one warning.
+    monkeypatch.delenv("FASTEDIT_REQUIRE_EXT")
+    later = _ext._Loader(root=root)
+    with pytest.warns(_ext.ExtensionWarning, match="CPU ops only.*cuda_runtime.h"):
+        assert later.load() is not None
+    assert calls == ["9.0", None, None] and not later.with_cuda
+    assert (later.build_dir("9.0", real) / _ext._FAILED).is_file()
+    # Under FASTEDIT_REQUIRE_EXT=1 the recorded failure is an error too.
+    monkeypatch.setenv("FASTEDIT_REQUIRE_EXT", "1")
+    with pytest.raises(ExtensionError, match="CUDA"):
+        _ext._Loader(root=root).load()
+    # Another toolkit is another build key: it is tried.
+    other, _ = _fake_toolkit(tmp_path / "other")
+    assert _ext._Loader(root=root).build_dir("9.0", real) != _ext._Loader(root=root).build_dir("9.0", other)
