@@ -12,8 +12,10 @@ import os
 import pathlib
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -266,6 +268,57 @@ def test_conftest_hooks_end_to_end(harness, tmp_path):
     assert all(r["bench_size"] == "full" and r["commit"] == "feedc0ffee12" for r in rows)
     assert "bench_size_seen=full" in next(r["info"] for r in rows if r["role"] == "baseline")
     assert table.markdown(rows).count("| mm |") == 2
+
+
+INTERRUPTED_BENCH = '''
+import pathlib
+import time
+
+
+def test_finished(benchmark):
+    benchmark.group = "g"
+    benchmark.extra_info["role"] = "fastedit"
+    benchmark(lambda: sum(range(100)))
+
+
+def test_interrupted(benchmark):
+    def slow():
+        pathlib.Path("started").touch()
+        time.sleep(60)
+
+    benchmark.pedantic(slow, rounds=3)
+'''
+
+
+def _bench_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTEDIT_")}
+    env.update(FASTEDIT_BENCH_DEVICE="cpu", FASTEDIT_COMMIT="feedc0ffee12", **extra,
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])))
+    return env
+
+
+def test_sigint_keeps_the_finished_benchmarks(harness, tmp_path):
+    """A run interrupted as a time limit does it (SIGINT in the middle of a benchmark) still
+    writes its JSON with the benchmarks that finished; the interrupted one is named, not kept."""
+    record, _ = harness
+    shutil.copy(BENCH_DIR / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "bench_stop.py").write_text(INTERRUPTED_BENCH)
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
+         "--rootdir", str(tmp_path), "--benchmark-enable", "--benchmark-min-rounds=1", "--benchmark-max-time=0.001",
+         f"--benchmark-json={out}", "bench_stop.py"],
+        cwd=tmp_path, env=_bench_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert (tmp_path / "started").exists(), output
+    run = record.load(out)
+    assert [b["name"] for b in run["benchmarks"]] == ["test_finished"], output
+    assert run["fastedit"]["unfinished"] == ["bench_stop.py::test_interrupted"]
+    assert [r["name"] for r in record.rows(run)] == ["test_finished"]
 
 
 def test_bench_size_default_pick_and_bad_environment(monkeypatch):
