@@ -345,12 +345,42 @@ def test_bench_size_default_pick_and_bad_environment(monkeypatch):
         conftest._device()
 
 
-def test_run_gpu_script_parses():
-    script = BENCH_DIR / "run_gpu.sh"
+def test_gpu_script_parses():
+    script = BENCH_DIR / "gpu_run.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     if shutil.which("shellcheck"):
         proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout
+
+
+def _gpu_run(out, *args):
+    env = _bench_env(PYTHON=sys.executable)
+    del env["FASTEDIT_BENCH_DEVICE"]  # the script's dry run sets it
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_run.sh"), "--dry-run", *args, str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    summary = {line.split("\t")[0]: line.split("\t")[1] for line in (out / "summary.tsv").read_text().splitlines()}
+    return proc, summary
+
+
+def test_gpu_script_dry_run_records_each_step_and_skips_what_does_not_fit(harness, tmp_path):
+    """The GPU script's plumbing on CPU: versions, one benchmark step recorded into the output
+    folder's CSV and table as soon as it finished, and a step the budget cannot fit skipped."""
+    record, _ = harness
+    proc, summary = _gpu_run(tmp_path / "a", "--steps", "versions,syrk", "--budget", "90")
+    out = tmp_path / "a"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary == {"versions": "ok", "syrk": "ok"}
+    assert "torch" in (out / "log").read_text() and "CUDA toolkit:" in proc.stdout
+    (raw,) = sorted((out / "raw").glob("*-syrk.json"))
+    names = {b["name"] for b in record.load(raw)["benchmarks"]}
+    assert names and {r["name"] for r in record.read_csv(out / "results.csv")} == names
+    assert "CovarianceAccumulator" in (out / "table.md").read_text()
+
+    proc, summary = _gpu_run(tmp_path / "b", "--steps", "solver,edit", "--budget", "5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary == {"solver": "skipped", "edit": "skipped"}
+    assert not list((tmp_path / "b" / "raw").iterdir())
 
 
 @pytest.mark.parametrize("commit, dirty, shown", [("abc1", False, "abc1"), ("abc1", True, "abc1-dirty"),
