@@ -123,6 +123,13 @@ run() {
 }
 
 versions() {
+    print_versions >"$OUT/versions.txt" 2>&1
+    local rc=$?
+    cat "$OUT/versions.txt"
+    return $rc
+}
+
+print_versions() {
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     fi
@@ -186,7 +193,7 @@ bench() {
 }
 
 # Steps run under timeout, which runs programs: the shell functions go through bash -c.
-export -f versions build_ext
+export -f versions print_versions build_ext
 export PY DRY OUT
 
 main() {
