@@ -20,8 +20,9 @@ A backend the op does not have, or one that cannot run on the given tensor, is a
 op             backends       None picks
 ============== ============== ===============================================================
 cholesky_ex    torch, ext     ext where it runs without compiling now (CPU: loaded or already
-                              built, never a first-use compile, since on CPU it ties torch);
-                              on CUDA, ext built on first use; torch otherwise
+                              built; a first-use compile there costs a minute, more than the
+                              compiled ops save on CPU, see benchmarks/results); on CUDA, ext
+                              built on first use; torch otherwise
 woodbury_solve torch, ext     as cholesky_ex
 low_rank_solve torch, ext     torch: LowRankCholesky keeps Y = A0⁻¹U between solves, which the
                               stateless compiled op would recompute on every call
