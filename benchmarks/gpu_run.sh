@@ -134,7 +134,7 @@ print_versions() {
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     fi
     "$PY" - "$DRY" <<'EOF'
-import importlib.metadata as md, platform, sys
+import importlib.metadata as md, platform, subprocess, sys
 import torch
 from torch.utils import cpp_extension
 from fastedit import _ext
@@ -151,6 +151,10 @@ triton, numpy = version("triton"), version("numpy")
 if triton.startswith("3.6") and numpy != "absent" and tuple(map(int, numpy.split(".")[:2])) >= (2, 4):
     print(f"note: triton {triton}'s interpreter (TRITON_INTERPRET=1) needs numpy<2.4 (found {numpy}); "
           "this script runs compiled kernels only")
+try:
+    print("ninja", subprocess.check_output(["ninja", "--version"], text=True).strip())
+except (OSError, subprocess.CalledProcessError):
+    print("ninja MISSING: torch builds the extension with it (pip install ninja)")
 home = _ext.find_cuda_home()
 print("CUDA toolkit:", home, "|", _ext.nvcc_release(home) if home else "-", "| torch's guess:", cpp_extension.CUDA_HOME)
 if torch.cuda.is_available():
