@@ -217,7 +217,7 @@ main() {
     ((DRY)) && tests=(tests/test_syrk.py) ok=(0 5)
     OK_CODES="${ok[*]:-0}" run tests-cuda 60 180 "$PY" -m pytest "${tests[@]}" -m cuda -q -p no:cacheprovider \
         --junitxml="$OUT/tests-cuda.xml"
-    local solver_k=(-k "d_k=14336")
+    local solver_k=(-k 14336)  # pytest -k takes no "=": the d_k=14336 ids, not d_k=16384
     ((DRY)) && solver_k=()
     bench solver 45 120 bench_solver.py "${solver_k[@]}"
     bench syrk 40 90 bench_syrk.py
