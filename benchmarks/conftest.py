@@ -22,6 +22,11 @@ torch/triton/CUDA versions, bench size, whether Triton ran interpreted), the com
 ``output_json["fastedit"]`` (date, the pytest command line, the driver script). benchmarks/record.py
 reads them; benchmarks/README.md gives the ``extra_info`` keys (role, op, size, flops, ...).
 
+Interrupted runs: a run stopped by SIGINT (a time limit, Ctrl-C) still writes its JSON with
+every benchmark whose test finished; the interrupted one is dropped (pytest-benchmark would
+otherwise fail on its empty timings and write nothing) and named in
+``output_json["fastedit"]["unfinished"]``.
+
 Without CUDA, Triton kernels run under the interpreter (set here before anything imports
 triton), as in tests/conftest.py: the smoke run then exercises every code path on CPU.
 """
@@ -207,4 +212,26 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": f"{SIZE_ENV}={info['size']} python -m pytest {args}",
         "driver": os.environ.get("FASTEDIT_BENCH_DRIVER", ""),
+        "unfinished": info.get("unfinished", []),
     }
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed:
+        _FINISHED.add(report.nodeid)
+
+
+_FINISHED: set[str] = set()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    # Runs before pytest-benchmark's own sessionfinish writes the JSON. pytest-benchmark lists a
+    # benchmark when its first round starts: one interrupted before a round ended has no
+    # timings, and writing the JSON then fails, losing every finished entry with it.
+    bench = getattr(session.config, "_benchmarksession", None)
+    if bench is not None and bench.benchmarks:
+        kept = [b for b in bench.benchmarks if b.fullname in _FINISHED and b]
+        session.config._fastedit_bench["unfinished"] = [b.fullname for b in bench.benchmarks if b not in kept]
+        bench.benchmarks[:] = kept
+    yield

@@ -3,8 +3,8 @@
     python benchmarks/record.py BENCH.json [BENCH.json ...] [--merge] [--csv PATH] [--json-dir DIR]
 
 Each input is one run (a ``--benchmark-json`` file written with benchmarks/conftest.py loaded);
-``--merge`` joins all inputs into one run first (run_gpu.sh runs one pytest per bench file and
-merges them; they must share device and commit). For each run this
+``--merge`` joins all inputs into one run first (gpu_run.sh runs one pytest per bench file; they
+must share device and commit). For each run this
 
 - pairs entries by (``benchmark.group``, size): the entry with ``extra_info["role"] == "baseline"``
   is the baseline, and every ``"fastedit"`` entry gets speedup = baseline median / its median;
@@ -112,7 +112,7 @@ def _size(bench: dict) -> str:
 
 def _commit(info: dict) -> str:
     commit = str(info.get("id", "unknown"))
-    # run_gpu.sh passes "<sha>-dirty" itself; git's own flag comes as commit_info["dirty"].
+    # gpu_run.sh passes "<sha>-dirty" itself; git's own flag comes as commit_info["dirty"].
     if info.get("dirty") and not commit.endswith("-dirty"):
         commit += "-dirty"
     return commit

@@ -1,5 +1,6 @@
-// fastedit's compiled ops: schemas (namespace fastedit), CPU kernels, and the ATen composition
-// the CUDA registrations share. Fake (meta) implementations live in fastedit/_ext.py.
+// fastedit's compiled ops: CPU kernels and the ATen composition the CUDA registrations share.
+// The schemas (namespace fastedit) and fake (meta) implementations live in fastedit/_ext.py,
+// beside the Python wrappers; this file registers implementations only.
 //
 //   cholesky_ex(A) -> (L, info, min_pivot)
 //     torch.linalg.cholesky_ex plus what it lacks: the failing pivot value of a failed matrix
@@ -194,11 +195,6 @@ at::Tensor woodbury_solve_impl(const at::Tensor& L, const at::Tensor& U, const a
 }
 
 }  // namespace fastedit
-
-TORCH_LIBRARY_FRAGMENT(fastedit, m) {
-  m.def("cholesky_ex(Tensor A) -> (Tensor L, Tensor info, Tensor min_pivot)");
-  m.def("woodbury_solve(Tensor L, Tensor U, Tensor s, Tensor B) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(fastedit, CPU, m) {
   m.impl("cholesky_ex", &fastedit::cholesky_ex_cpu);

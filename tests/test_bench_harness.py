@@ -12,8 +12,10 @@ import os
 import pathlib
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -268,6 +270,57 @@ def test_conftest_hooks_end_to_end(harness, tmp_path):
     assert table.markdown(rows).count("| mm |") == 2
 
 
+INTERRUPTED_BENCH = '''
+import pathlib
+import time
+
+
+def test_finished(benchmark):
+    benchmark.group = "g"
+    benchmark.extra_info["role"] = "fastedit"
+    benchmark(lambda: sum(range(100)))
+
+
+def test_interrupted(benchmark):
+    def slow():
+        pathlib.Path("started").touch()
+        time.sleep(60)
+
+    benchmark.pedantic(slow, rounds=3)
+'''
+
+
+def _bench_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTEDIT_")}
+    env.update(FASTEDIT_BENCH_DEVICE="cpu", FASTEDIT_COMMIT="feedc0ffee12", **extra,
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])))
+    return env
+
+
+def test_sigint_keeps_the_finished_benchmarks(harness, tmp_path):
+    """A run interrupted as a time limit does it (SIGINT in the middle of a benchmark) still
+    writes its JSON with the benchmarks that finished; the interrupted one is named, not kept."""
+    record, _ = harness
+    shutil.copy(BENCH_DIR / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "bench_stop.py").write_text(INTERRUPTED_BENCH)
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
+         "--rootdir", str(tmp_path), "--benchmark-enable", "--benchmark-min-rounds=1", "--benchmark-max-time=0.001",
+         f"--benchmark-json={out}", "bench_stop.py"],
+        cwd=tmp_path, env=_bench_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert (tmp_path / "started").exists(), output
+    run = record.load(out)
+    assert [b["name"] for b in run["benchmarks"]] == ["test_finished"], output
+    assert run["fastedit"]["unfinished"] == ["bench_stop.py::test_interrupted"]
+    assert [r["name"] for r in record.rows(run)] == ["test_finished"]
+
+
 def test_bench_size_default_pick_and_bad_environment(monkeypatch):
     import torch
 
@@ -292,12 +345,42 @@ def test_bench_size_default_pick_and_bad_environment(monkeypatch):
         conftest._device()
 
 
-def test_run_gpu_script_parses():
-    script = BENCH_DIR / "run_gpu.sh"
+def test_gpu_script_parses():
+    script = BENCH_DIR / "gpu_run.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     if shutil.which("shellcheck"):
         proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout
+
+
+def _gpu_run(out, *args):
+    env = _bench_env(PYTHON=sys.executable)
+    del env["FASTEDIT_BENCH_DEVICE"]  # the script's dry run sets it
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_run.sh"), "--dry-run", *args, str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    summary = {line.split("\t")[0]: line.split("\t")[1] for line in (out / "summary.tsv").read_text().splitlines()}
+    return proc, summary
+
+
+def test_gpu_script_dry_run_records_each_step_and_skips_what_does_not_fit(harness, tmp_path):
+    """The GPU script's plumbing on CPU: versions, one benchmark step recorded into the output
+    folder's CSV and table as soon as it finished, and a step the budget cannot fit skipped."""
+    record, _ = harness
+    proc, summary = _gpu_run(tmp_path / "a", "--steps", "versions,syrk", "--budget", "90")
+    out = tmp_path / "a"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary == {"versions": "ok", "syrk": "ok"}
+    assert "CUDA toolkit:" in (out / "versions.txt").read_text() and "END syrk: ok" in (out / "log").read_text()
+    (raw,) = sorted((out / "raw").glob("*-syrk.json"))
+    names = {b["name"] for b in record.load(raw)["benchmarks"]}
+    assert names and {r["name"] for r in record.read_csv(out / "results.csv")} == names
+    assert "CovarianceAccumulator" in (out / "table.md").read_text()
+
+    proc, summary = _gpu_run(tmp_path / "b", "--steps", "solver,edit", "--budget", "5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary == {"solver": "skipped", "edit": "skipped"}
+    assert not list((tmp_path / "b" / "raw").iterdir())
 
 
 @pytest.mark.parametrize("commit, dirty, shown", [("abc1", False, "abc1"), ("abc1", True, "abc1-dirty"),

@@ -15,22 +15,21 @@ import subprocess
 import pytest
 import torch
 
+from fastedit import _ext
+
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 CUDA_SOURCES = sorted(CSRC.glob("*.cu"))
 ARCHS = ("-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90")
 
 
 def _nvcc() -> str:
-    found = shutil.which("nvcc")
-    if found is None:
-        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-        candidate = pathlib.Path(home) / "bin" / "nvcc"
-        found = str(candidate) if candidate.is_file() else None
-    if found is None:
+    home = _ext.find_cuda_home()
+    if home is None:
         if os.environ.get("FASTEDIT_REQUIRE_NVCC") == "1":
-            pytest.fail("FASTEDIT_REQUIRE_NVCC=1 but nvcc is neither on PATH nor in $CUDA_HOME/bin")
-        pytest.skip("nvcc not found (set FASTEDIT_REQUIRE_NVCC=1 to make this a failure)")
-    return found
+            pytest.fail("FASTEDIT_REQUIRE_NVCC=1 but no CUDA toolkit was found (nvcc on PATH, $CUDA_HOME, "
+                        "$CUDA_PATH or /usr/local/cuda)")
+        pytest.skip("no CUDA toolkit found (set FASTEDIT_REQUIRE_NVCC=1 to make this a failure)")
+    return str(home / "bin" / "nvcc")
 
 
 def _run(cmd: list[str]) -> None:
@@ -57,11 +56,7 @@ def test_cuda_glue_parses_against_torch_headers(tmp_path):
     cxx = shutil.which(os.environ.get("CXX", "c++"))
     if cxx is None:
         pytest.skip("no C++ compiler found")
-    homes = [os.environ.get("CUDA_HOME"), pathlib.Path(nvcc).resolve().parent.parent, "/usr/local/cuda"]
-    includes = [pathlib.Path(h) / "include" for h in homes if h]
-    cuda_include = next((p for p in includes if (p / "cuda_runtime.h").is_file()), None)
-    if cuda_include is None:
-        pytest.fail(f"nvcc found at {nvcc} but no cuda_runtime.h under {[str(p) for p in includes]}; set CUDA_HOME")
+    cuda_include = pathlib.Path(nvcc).parent.parent / "include"  # find_cuda_home checked cuda_runtime.h
     torch_include = pathlib.Path(torch.__file__).parent / "include"
     # A CPU build of torch ships c10/cuda headers but not this CMake-generated one; it only
     # sets export macros, so an empty stand-in is enough for a syntax-only parse.

@@ -2,7 +2,7 @@
 dense references, pivot diagnostics, torch.library checks, and the fallback's single warning.
 
 Each semantic test runs on two backends: ``ext`` (the compiled op through torch.ops) and
-``reference`` (the torch composition the wrappers fall back to: fastedit.linalg's
+``reference`` (the torch composition fastedit.linalg.backends falls back to:
 ``cholesky_ex_torch`` and ``woodbury_solve_torch``), so both meet one contract.
 """
 from __future__ import annotations
@@ -200,14 +200,28 @@ def test_woodbury_solve_zero_columns_of_b(backend, gen):
     assert backend[1](L, U, s, B).shape == (6, 0)
 
 
+def _pivot_cases(gen):
+    """Four float64 matrices (n = 31): good, pivot 6 negative, pivot 10 NaN, good; and the
+    indices of the finite ones. opcheck compares outputs with ``==``, and NaN != NaN, so it
+    only gets the finite matrices (the NaN one is checked by value in the tests)."""
+    A = random_spd(31, batch=(4,), cond=1e2, generator=gen)
+    A[1, 5, 5] = -1.0
+    A[2, 9, 3] = A[2, 3, 9] = float("nan")
+    return A, [0, 1, 3]
+
+
+def test_opcheck_samples_of_the_cuda_test_are_finite(ops, gen):
+    A, finite = _pivot_cases(gen)
+    assert torch.isfinite(A[finite]).all() and not torch.isfinite(A).all()
+    for dtype in DTYPES:
+        torch.library.opcheck(torch.ops.fastedit.cholesky_ex.default, (A[finite].to(dtype),))
+
+
 @pytest.mark.cuda
 def test_cuda_ops_match_float64_and_the_cpu_ops(ops, gen):
     if not _ext.available_for("cuda"):
         pytest.fail(f"the extension was built without its CUDA ops: {_ext._LOADER.cuda_error}")
-    n = 31
-    A = random_spd(n, batch=(4,), cond=1e2, generator=gen)
-    A[1, 5, 5] = -1.0  # pivot 6 negative
-    A[2, 9, 3] = A[2, 3, 9] = float("nan")  # pivot 10 NaN
+    A, finite = _pivot_cases(gen)
     for dtype in DTYPES:
         A_d = A.to(dtype)
         L, info, min_pivot = ops.cholesky_ex(A_d.cuda())
@@ -217,7 +231,7 @@ def test_cuda_ops_match_float64_and_the_cpu_ops(ops, gen):
         assert_close(min_pivot[[0, 1, 3]], min_pivot_cpu[[0, 1, 3]], tol, "pivots on CUDA")
         assert torch.isnan(min_pivot[2])
         assert_close(L[[0, 3]], torch.linalg.cholesky(A[[0, 3]]), tol, "L on CUDA")
-        torch.library.opcheck(torch.ops.fastedit.cholesky_ex.default, (A_d.cuda(),))
+        torch.library.opcheck(torch.ops.fastedit.cholesky_ex.default, (A_d[finite].cuda(),))
     for m in (0, 7):
         L, U, s, B, A_dense = _woodbury_case(67, m, 5, (2,), gen)
         args = tuple(t.cuda() for t in (L, U, s, B))
@@ -226,25 +240,28 @@ def test_cuda_ops_match_float64_and_the_cpu_ops(ops, gen):
 
 
 # ---------------------------------------------------------------------------------------------
-# input checks: InputError from the wrappers, actionable RuntimeErrors at the C++ boundary
+# input checks: InputError from the linalg ops, actionable RuntimeErrors at the C++ boundary
 
 
-def test_wrappers_raise_input_error(gen):
+def test_backend_ext_raises_input_error_before_the_compiled_op(gen):
+    """The linalg ops check their inputs before dispatching; the thin wrappers in _ext do not."""
+    from fastedit.linalg import cholesky_ex, woodbury_solve
+
     L, U, s, B, _ = _woodbury_case(5, 2, 3, (), gen)
     with pytest.raises(InputError, match="square"):
-        _ext.cholesky_ex(torch.zeros(3, 4, dtype=torch.float64))
+        cholesky_ex(torch.zeros(3, 4, dtype=torch.float64), backend="ext")
     with pytest.raises(InputError, match="floating-point"):
-        _ext.cholesky_ex(torch.eye(3, dtype=torch.int64))
+        cholesky_ex(torch.eye(3, dtype=torch.int64), backend="ext")
     with pytest.raises(InputError, match="float32 or float64"):
-        _ext.cholesky_ex(torch.eye(3, dtype=torch.float16))
+        cholesky_ex(torch.eye(3, dtype=torch.float16), backend="ext")
     with pytest.raises(InputError, match="U must have shape"):
-        _ext.woodbury_solve(L, U[:4], s, B)
+        woodbury_solve(L, U[:4], s, B, backend="ext")
     with pytest.raises(InputError, match="s must have shape"):
-        _ext.woodbury_solve(L, U, s[:1], B)
+        woodbury_solve(L, U, s[:1], B, backend="ext")
     with pytest.raises(InputError, match="B must have shape"):
-        _ext.woodbury_solve(L, U, s, B[None])
+        woodbury_solve(L, U, s, B[None], backend="ext")
     with pytest.raises(InputError, match="U has dtype torch.float32 but L has torch.float64"):
-        _ext.woodbury_solve(L, U.float(), s, B)
+        woodbury_solve(L, U.float(), s, B, backend="ext")
 
 
 def test_cpp_boundary_checks(ops, gen):
@@ -341,3 +358,83 @@ def test_cli_build_ext_reports_the_library(ops, capsys):
     assert main(["build-ext"]) == 0
     out = capsys.readouterr().out
     assert str(_ext._LOADER.path) in out and "CPU" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA toolkit, and a failed CUDA build: recorded once, an error when required
+
+
+def _fake_toolkit(root):
+    """A toolkit folder (bin/nvcc answering the dry run like nvcc, include/cuda_runtime.h) and
+    a wrapper script elsewhere on PATH that execs it, as on machines where torch's guess fails."""
+    real = root / "cuda-13.0"
+    (real / "bin").mkdir(parents=True)
+    (real / "include").mkdir()
+    (real / "include" / "cuda_runtime.h").write_text("")
+    nvcc = real / "bin" / "nvcc"
+    nvcc.write_text(f'#!/bin/sh\necho "#$ _HERE_={real / "bin"}" >&2\necho "release 13.0, V13.0.88"\n')
+    nvcc.chmod(0o755)
+    wrapper = root / "wrap" / "bin"
+    wrapper.mkdir(parents=True)
+    (wrapper / "nvcc").write_text(f'#!/bin/sh\nexec {nvcc} "$@"\n')
+    (wrapper / "nvcc").chmod(0o755)
+    return real, wrapper
+
+
+def test_toolkit_found_through_a_wrapper_script_and_from_cuda_home(tmp_path, monkeypatch):
+    real, wrapper = _fake_toolkit(tmp_path)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrapper}{os.pathsep}{os.environ['PATH']}")
+    assert _ext.find_cuda_home() == real.resolve()
+    assert _ext.nvcc_release(real.resolve()) == "release 13.0, V13.0.88"
+    other, _ = _fake_toolkit(tmp_path / "other")
+    monkeypatch.setenv("CUDA_PATH", str(other))
+    assert _ext.find_cuda_home() == other.resolve()
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "wrap"))  # no include/: not a toolkit
+    assert _ext.find_cuda_home() == other.resolve()
+
+
+def _failing_cuda_compile(calls):
+    """A stand-in for the compiler: the CUDA build fails as with a wrongly inferred CUDA_HOME,
+    the CPU one succeeds. Records every compile; the loader's own recording code runs."""
+
+    def compile_(self, cuda_arch, cuda_home, directory, *, verbose):
+        calls.append(cuda_arch)
+        if cuda_arch is not None:
+            raise RuntimeError("Error building extension\nfatal error: cuda_runtime.h: No such file or directory")
+        return directory / "fastedit_ext.so"
+
+    return compile_
+
+
+def test_failed_cuda_build_is_recorded_not_retried_and_fails_build_ext_when_required(tmp_path, monkeypatch, capsys):
+    real, _ = _fake_toolkit(tmp_path)
+    calls = []
+    monkeypatch.delenv("FASTEDIT_NO_EXT", raising=False)
+    monkeypatch.setattr(_ext, "_torch_has_cuda", lambda: True)
+    monkeypatch.setattr(_ext, "_cuda_build_config", lambda: ("9.0", real, ""))
+    monkeypatch.setattr(_ext._Loader, "_compile", _failing_cuda_compile(calls))
+    root = tmp_path / "cache"
+
+    monkeypatch.setenv("FASTEDIT_REQUIRE_EXT", "1")
+    monkeypatch.setattr(_ext, "_LOADER", _ext._Loader(root=root))
+    args = type("Args", (), {"force": False, "verbose": False})()
+    assert _ext.run(args) == 1
+    assert "cuda_runtime.h" in capsys.readouterr().err
+    assert calls == ["9.0", None]
+
+    # A later process: the recorded failure stands, no second CUDA compile, one warning.
+    monkeypatch.delenv("FASTEDIT_REQUIRE_EXT")
+    later = _ext._Loader(root=root)
+    with pytest.warns(_ext.ExtensionWarning, match="CPU ops only.*cuda_runtime.h"):
+        assert later.load() is not None
+    assert calls == ["9.0", None, None] and not later.with_cuda
+    assert (later.build_dir("9.0", real) / _ext._FAILED).is_file()
+    # Under FASTEDIT_REQUIRE_EXT=1 the recorded failure is an error too.
+    monkeypatch.setenv("FASTEDIT_REQUIRE_EXT", "1")
+    with pytest.raises(ExtensionError, match="CUDA"):
+        _ext._Loader(root=root).load()
+    # Another toolkit is another build key: it is tried.
+    other, _ = _fake_toolkit(tmp_path / "other")
+    assert _ext._Loader(root=root).build_dir("9.0", real) != _ext._Loader(root=root).build_dir("9.0", other)

@@ -58,7 +58,7 @@ def test_woodbury_solve_routes_to_the_extension(monkeypatch, gen):
         calls.append(U.shape)
         return woodbury_solve_torch(L, U, s, B)
 
-    monkeypatch.setattr(_ext, "available", lambda: True)
+    monkeypatch.setattr(_ext, "available_for", lambda device: True)
     monkeypatch.setattr(_ext, "woodbury_solve", fake, raising=False)
     L, U, s, A = _signed_system(7, 3, (), gen)
     B = torch.randn(7, 2, dtype=F64, generator=gen)

@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fastedit.errors import InputError
 
 #: Kernel modules of this package (the AOT test also checks this list against the files).
 KERNEL_MODULES = ("fastedit.kernels.syrk", "fastedit.kernels.norm_anchor")
@@ -75,28 +74,3 @@ def launch_device(device: torch.device):
 #: Input dtypes the kernels of this package take; other dtypes (float64) use the torch path.
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-
-def resolve_backend(backend: str | None, x: torch.Tensor, op: str) -> str:
-    """Pick ``"triton"`` or ``"torch"`` for running ``op`` on tensor ``x``.
-
-    None picks triton for CUDA tensors of a kernel dtype (when triton is installed) and torch
-    otherwise; ``"triton"`` forces the kernel (on CPU it needs TRITON_INTERPRET=1) and raises
-    InputError where it cannot run; ``"torch"`` forces the plain-PyTorch reference.
-    """
-    if backend == "torch":
-        return "torch"
-    if backend == "triton":
-        if not triton_usable(x.device):
-            raise InputError(
-                f"{op}: backend='triton' needs tensors on a CUDA device with triton installed, "
-                f"or TRITON_INTERPRET=1 for the interpreter on CPU; got {x.device}. "
-                f"Use backend='torch' or backend=None.")
-        if x.dtype not in KERNEL_DTYPES:
-            raise InputError(f"{op}: backend='triton' takes bf16, fp16 or fp32 tensors, got "
-                             f"{x.dtype}; use backend='torch' or backend=None")
-        return "triton"
-    if backend is not None:
-        raise InputError(f"{op}: backend must be None, 'torch' or 'triton', got {backend!r}")
-    if x.device.type == "cuda" and x.dtype in KERNEL_DTYPES and triton_usable(x.device):
-        return "triton"
-    return "torch"

@@ -17,8 +17,11 @@ Precision (the two-level accumulation):
   ``(T / BLOCK_T + BLOCK_T) · 2⁻²⁴ · Σ_t |x_ti x_tj|`` (≈ 1.2e-5 relative to the absolute
   sum for T = 8192, BLOCK_T = 64; typical rounding errors cancel, growing with the square
   root of the number of additions instead).
-  This assumes fp32 accumulation with round-to-nearest; it is far below the bf16 rounding
-  of the keys themselves (2⁻⁹ ≈ 2e-3).
+  This assumes fp32 accumulation with round-to-nearest. Tensor cores (bf16/fp16) truncate
+  instead when they add each k-step of 16 products into the accumulator, so their errors do not
+  cancel: up to about ``2 · (T / 16) · 2⁻²³ · Σ_t |x_ti x_tj|`` (≈ 1.2e-4 for T = 8192; the
+  bound tests/test_syrk.py holds the GPU to). Both are far below the bf16 rounding of the keys
+  themselves (2⁻⁹ ≈ 2e-3).
 * At the end of each chunk the tile is added into the float64 sum in global memory. Each of
   those additions errs by at most 2⁻⁵³ relative, so the total error stays at the per-chunk
   bound above however many tokens are accumulated. A single fp32 running sum instead errs by
@@ -29,7 +32,7 @@ T trades error for speed: each flush reads and writes the float64 tile, 16 bytes
 For d_k = 14336 and T = 8192 that is 1.6 GB per chunk over the triangle against 1.7 TFLOP of
 tensor-core work: from ~5% of the chunk's time on an H100 when the programs' flushes are
 spread out (one SM pulls its 256 KB tile while the others compute) to ~25% if all flushed at
-once (3.35 TB/s against ~800 TFLOP/s). Not yet measured on a GPU. Every launch flushes at
+once (an estimate from the H100's bandwidth and peak, not a measurement). Every launch flushes at
 least once, so the covariance pass should hand each update thousands of tokens (8192 is one
 batch of 16 × 512).
 
@@ -114,6 +117,13 @@ def _config(dtype: torch.dtype, device: torch.device) -> dict:
         # The interpreter runs each block operation in numpy: few, small programs are fastest.
         return dict(BLOCK_D=32, BLOCK_T=16, num_warps=4, num_stages=1)
     return _gpu_config(dtype, torch.cuda.get_device_capability(device)[0] * 10)
+
+
+def token_block(dtype: torch.dtype, device: torch.device) -> int:
+    """The kernel's token block (BLOCK_T) for keys of ``dtype`` on ``device``: ``chunk_tokens``
+    must be a multiple of it. It differs between the interpreter (16) and the GPUs (sm_90
+    bf16/fp16: 64; fp32 and sm_80: 32), so tests derive their chunk sizes from it."""
+    return _config(dtype, torch.device(device))["BLOCK_T"]
 
 
 def _gpu_config(dtype: torch.dtype, capability: int) -> dict:

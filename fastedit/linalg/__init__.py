@@ -1,7 +1,8 @@
 """The math on tensors: covariance, closed-form solvers, null space, norm anchor.
 
-Knows nothing of models. Every op has a plain PyTorch reference; faster backends are picked
-per device and dtype and can be forced with ``backend=``.
+Knows nothing of models. Every op has a plain PyTorch reference; faster backends (Triton
+kernels, compiled ops) are picked per device and dtype in one place,
+:mod:`fastedit.linalg.backends`, and can be forced with ``backend=``.
 """
 
 # Closed-form solvers (cholesky, woodbury, solver, null_space).

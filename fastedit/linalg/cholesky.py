@@ -12,8 +12,8 @@ import torch
 
 from fastedit import _ext
 from fastedit.errors import InputError, NotPositiveDefiniteError
+from fastedit.linalg import backends
 from fastedit.linalg._checks import check_cholesky_input, check_finite, check_float, check_square
-from fastedit.linalg._dispatch import resolve_backend
 
 #: How many times an opt-in jitter is grown ×10 before giving up.
 JITTER_TRIES = 4
@@ -55,10 +55,11 @@ def cholesky_ex_torch(A: torch.Tensor):
 
 
 def cholesky_ex(A: torch.Tensor, *, backend=None):
-    """``(L, info, min_pivot)`` of A (..., n, n) by the chosen backend; see ``cholesky_ex_torch``."""
-    if resolve_backend(backend, "cholesky_ex") == "ext":
-        return _ext.cholesky_ex(A)  # checks its input like the line below
+    """``(L, info, min_pivot)`` of A (..., n, n) by the chosen backend (None, "torch" or "ext";
+    see :mod:`fastedit.linalg.backends`); see ``cholesky_ex_torch`` for the outputs."""
     check_cholesky_input(A)
+    if backends.pick("cholesky_ex", backend, A) == "ext":
+        return _ext.cholesky_ex(A)
     return cholesky_ex_torch(A)
 
 
@@ -80,6 +81,7 @@ def cholesky_factor(A: torch.Tensor, *, layer=None, jitter=None, backend=None, n
     1e-10) a failed matrix is retried as A + ε·mean(diag A)·I, ε = jitter, 10·jitter, ... (up to
     ``JITTER_TRIES`` times), with a warning naming the ε used. ``name`` labels A in messages.
     """
+    backends.check(backend, "cholesky_ex", caller="cholesky_factor")
     check_float(name, A)
     check_square(name, A)
     if jitter is not None and not (isinstance(jitter, (int, float)) and jitter > 0):

@@ -30,7 +30,7 @@ import tempfile
 import torch
 
 from fastedit.errors import InputError
-from fastedit.kernels import resolve_backend
+from fastedit.linalg import backends
 
 #: Tokens per fp32 chunk on the torch path: bounds the fp32 copy of the chunk (d_k = 14336:
 #: 117 MB) and the fp32 accumulation error (sgemm sums at most this many products).
@@ -83,7 +83,8 @@ class CovarianceAccumulator:
         device: where the sum lives; None adopts the device of the first keys given to
             :meth:`update` (or of the accumulator merged or loaded into it).
         backend: ``"triton"`` (the SYRK kernel: CUDA, or CPU under TRITON_INTERPRET=1),
-            ``"torch"``, or None for triton on CUDA with bf16/fp16/fp32 keys, torch otherwise.
+            ``"torch"``, or None for triton on CUDA with bf16/fp16/fp32 keys, torch otherwise
+            (:mod:`fastedit.linalg.backends`).
 
     Attributes:
         sum: (d_k, d_k) float64, symmetric: Σ_t k_t k_tᵀ over real tokens (a new tensor).
@@ -97,10 +98,8 @@ class CovarianceAccumulator:
     def __init__(self, d_k: int, *, device=None, backend: str | None = None):
         if not isinstance(d_k, int) or isinstance(d_k, bool) or d_k < 1:
             raise InputError(f"d_k must be a positive int, got {d_k!r}")
-        if backend not in (None, "torch", "triton"):
-            raise InputError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
         self.d_k = d_k
-        self.backend = backend
+        self.backend = backends.check(backend, "covariance", caller="CovarianceAccumulator")
         self.metadata: dict[str, str] = {}
         self._count = 0
         self._raw: torch.Tensor | None = None
@@ -152,8 +151,7 @@ class CovarianceAccumulator:
             if mask.device != x.device:
                 raise InputError(f"mask is on {mask.device} but x is on {x.device}")
             mask = mask.reshape(-1)
-        backend = resolve_backend(self.backend, x, "CovarianceAccumulator.update")
-        if backend == "triton":
+        if backends.pick("covariance", self.backend, x) == "triton":
             from fastedit.kernels import syrk
 
             if rows.stride(-1) != 1:

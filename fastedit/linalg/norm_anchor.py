@@ -2,7 +2,8 @@
 
 Each op has a plain-torch reference (here) and a Triton kernel
 (:mod:`fastedit.kernels.norm_anchor`, one program per row); ``backend=None`` takes the kernel
-for CUDA tensors of bf16/fp16/fp32 that do not need gradients, the reference otherwise.
+for CUDA tensors of bf16/fp16/fp32 that do not need gradients, the reference otherwise
+(:mod:`fastedit.linalg.backends`).
 Norms are accumulated in float32 for bf16/fp16/fp32 inputs and in float64 for float64 inputs.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import torch
 
 from fastedit.errors import InputError
-from fastedit.kernels import resolve_backend
+from fastedit.linalg import backends
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,14 +37,6 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.ndim < 1 or x.shape[-1] == 0:
         raise InputError(f"{name} has shape {tuple(x.shape)}; it must be (..., d) with d >= 1")
     return x.reshape(-1, x.shape[-1])
-
-
-def _pick(backend, x: torch.Tensor, op: str) -> str:
-    # The kernel does not record autograd history: a tensor that needs gradients takes the
-    # torch path unless the caller forces the kernel.
-    if backend is None and x.requires_grad and torch.is_grad_enabled():
-        return "torch"
-    return resolve_backend(backend, x, op)
 
 
 def norm_anchor_reference(v: torch.Tensor, mu: float, threshold: float):
@@ -80,7 +73,7 @@ def norm_anchor(v: torch.Tensor, mu, max_ratio: float = 2.0, *, backend: str | N
     rows = _rows(v, "v")
     mu = _positive_finite(mu, "mu")
     threshold = mu * _positive_finite(max_ratio, "max_ratio")
-    if _pick(backend, v, "norm_anchor") == "triton":
+    if backends.pick("norm_anchor", backend, v) == "triton":
         from fastedit.kernels import norm_anchor as kernel
 
         out, keep, norms = kernel.norm_anchor_rows(
@@ -139,7 +132,7 @@ def clamp_norm(delta: torch.Tensor, radius, *, backend: str | None = None) -> to
     radius = radius.reshape(-1)
     if not bool((radius >= 0).all() & torch.isfinite(radius).all()):
         raise InputError("clamp_norm: every radius must be finite and >= 0")
-    if _pick(backend, delta, "clamp_norm") == "triton":
+    if backends.pick("clamp_norm", backend, delta) == "triton":
         from fastedit.kernels import norm_anchor as kernel
 
         out = kernel.clamp_rows(rows if rows.stride(-1) == 1 else rows.contiguous(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastedit.errors import InputError
+from fastedit.linalg import backends
 from fastedit.linalg._checks import check_finite, check_float, check_rows, check_same, check_square
 from fastedit.linalg.woodbury import LowRankCholesky
 
@@ -39,7 +40,7 @@ class NullSpace:
         self.eigenvalues = eigenvalues
         self.threshold = threshold
         self.layer = layer
-        self.backend = backend
+        self.backend = backends.check(backend, *backends.SOLVER_OPS, caller="NullSpace")
         self._cp = Q.new_zeros(self.rank, self.rank)
         self._state = None
         self._alpha = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastedit.errors import InputError
+from fastedit.linalg import backends
 from fastedit.linalg._checks import (
     check_batch,
     check_finite,
@@ -55,8 +56,10 @@ def memit_solve(C, K, lam, *, layer=None, jitter=None, backend=None) -> torch.Te
     broadcast; λ a float or a tensor broadcastable over the batch dims (one λ per system).
     Returns (..., d_k, n) in the inputs' dtype (float16/bfloat16 are solved in float32).
     ``layer`` labels errors; ``jitter`` opts in to a diagonal-shift retry (see cholesky_factor);
-    ``backend``: None (auto), "torch" or "ext" (the compiled extension's Cholesky).
+    ``backend``: None (auto), "torch" or "ext" (the compiled extension's Cholesky); see
+    :mod:`fastedit.linalg.backends`.
     """
+    backends.check(backend, "cholesky_ex", caller="memit_solve")
     check_float("C", C)
     check_float("K", K)
     check_square("C", C)
@@ -87,11 +90,12 @@ class UpdateSolver:
     broadcastable over the batch dims. Everything is computed in ``dtype`` (float64 by default).
     The factor of λC₀ + μI is computed here, once; ``solve`` costs O(d_k²·n) per batch.
     ``layer`` labels errors, ``jitter`` opts in to a diagonal-shift retry of a non-SPD A (see
-    cholesky_factor), ``backend`` is None (auto), "torch" or "ext".
+    cholesky_factor), ``backend`` is None (auto), "torch" or "ext" (see :mod:`fastedit.linalg.backends`).
     Inspection: ``factor``, ``rank_since_refactor``, ``refactorizations``, ``pivot_ratio()``.
     """
 
     def __init__(self, C0, lam, *, mu=0.0, dtype=torch.float64, layer=None, jitter=None, backend=None):
+        backends.check(backend, *backends.SOLVER_OPS, caller="UpdateSolver")
         check_float("C0", C0)
         check_square("C0", C0)
         if dtype not in (torch.float32, torch.float64):

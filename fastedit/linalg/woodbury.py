@@ -17,8 +17,8 @@ import torch
 
 from fastedit import _ext
 from fastedit.errors import InputError, NotPositiveDefiniteError
+from fastedit.linalg import backends
 from fastedit.linalg._checks import check_woodbury_inputs
-from fastedit.linalg._dispatch import resolve_backend
 from fastedit.linalg.cholesky import cholesky_apply_inverse, cholesky_factor
 
 
@@ -46,10 +46,11 @@ def woodbury_solve_torch(L: torch.Tensor, U: torch.Tensor, s: torch.Tensor, B: t
 
 
 def woodbury_solve(L, U, s, B, *, backend=None) -> torch.Tensor:
-    """X with (L Lᵀ + U diag(s) Uᵀ) X = B, by the chosen backend; see ``woodbury_solve_torch``."""
-    if resolve_backend(backend, "woodbury_solve") == "ext":
-        return _ext.woodbury_solve(L, U, s, B)  # checks its inputs like the line below
+    """X with (L Lᵀ + U diag(s) Uᵀ) X = B, by the chosen backend (None, "torch" or "ext"; see
+    :mod:`fastedit.linalg.backends`); see ``woodbury_solve_torch`` for shapes."""
     check_woodbury_inputs(L, U, s, B)
+    if backends.pick("woodbury_solve", backend, L) == "ext":
+        return _ext.woodbury_solve(L, U, s, B)
     return woodbury_solve_torch(L, U, s, B)
 
 
@@ -67,7 +68,7 @@ class LowRankCholesky:
     def __init__(self, A: torch.Tensor, *, layer=None, backend=None, jitter=None, name: str = "A"):
         self.A = A
         self.layer = layer
-        self.backend = backend
+        self.backend = backends.check(backend, *backends.SOLVER_OPS, caller="LowRankCholesky")
         self.jitter = jitter
         self.name = name
         self.refactorizations = 0
@@ -195,9 +196,7 @@ class LowRankCholesky:
         """A⁻¹ B for the current A. B (..., n, c)."""
         self._maybe_refactor()
         m, c = self.rank_since_refactor, B.shape[-1]
-        # Only when asked for: the compiled op recomputes L⁻¹U (n²·m flops) that self.Y caches,
-        # so the cached torch path is the faster one once U has as many columns as B.
-        if self.backend is not None and resolve_backend(self.backend, "woodbury_solve") == "ext":
+        if backends.pick("low_rank_solve", self.backend, B) == "ext":
             s = torch.tensor(self.signs, dtype=B.dtype, device=B.device).expand(*self.U.shape[:-2], m)
             return _ext.woodbury_solve(self.L, self.U, s, B)
         Z = cholesky_apply_inverse(self.L, B)
