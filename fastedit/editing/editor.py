@@ -279,7 +279,7 @@ class Editor:
         if self._broken:
             raise EditError(self._broken, stage="state")
         requests = self._coerce(requests)
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise EditError(f"batch_size must be a positive integer, got {batch_size!r}", stage="validate")
         self._validate(requests)
         report = EditReport(config=self.config)

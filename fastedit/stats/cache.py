@@ -302,4 +302,7 @@ def read_reference_npz(path) -> tuple[torch.Tensor, int]:
         raise InputError(f"{path}: 'mom2.mom2' must be a square matrix, got shape {mom2.shape}")
     if count <= 0:
         raise InputError(f"{path}: 'mom2.count' is {count}; the file holds no tokens")
+    if not np.isfinite(mom2).all():
+        raise InputError(f"{path}: 'mom2.mom2' holds NaN or Inf (float32 overflow in the reference's pass, or a "
+                         "damaged file); recompute the statistics")
     return torch.from_numpy(mom2.astype(np.float64)), count

@@ -306,6 +306,8 @@ class _Pass:
         self.token_budget, self.max_length = token_budget, max_length
         self.side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
         self.progress, self.desc = progress, desc
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.vocab = getattr(emb, "num_embeddings", None)
         self.extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
         self.pass_positions = _accepts(model, "position_ids")
 
@@ -325,6 +327,7 @@ class _Pass:
         try:
             with torch.inference_mode(), _accumulate_inputs(self.modules, accs, mask_ref):
                 for batch in batches:
+                    self._check_ids(batch)
                     ids = batch.input_ids.to(device, non_blocking=True)
                     mask = batch.attention_mask.to(device, non_blocking=True)
                     mask_ref[0] = mask.bool()
@@ -347,6 +350,16 @@ class _Pass:
             batches.close()
             self.model.train(was_training)
         return consumed
+
+    def _check_ids(self, batch) -> None:
+        # Out-of-range token ids would index past the embedding (a raw IndexError on CPU, a
+        # device-side assert on CUDA); checked on the host before the batch moves.
+        real = batch.input_ids[batch.attention_mask.bool()]
+        if real.numel() and (int(real.min()) < 0 or (self.vocab is not None and int(real.max()) >= self.vocab)):
+            raise InputError(f"a document before position {batch.end} of the selection holds token id "
+                             f"{int(real.min()) if int(real.min()) < 0 else int(real.max())}, outside the model's "
+                             f"vocabulary 0..{self.vocab - 1 if self.vocab else '?'}; token-id corpora must come from "
+                             "this model's tokenizer")
 
 
 def _save(directory, accs, layer_meta, selection, *, seed, num_samples, rank, world_size, documents) -> None:

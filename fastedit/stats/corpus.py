@@ -130,7 +130,11 @@ class FileCorpus(Corpus):
         if not isinstance(record, dict) or self.text_field not in record:
             raise InputError(f"{self.path}: document {index} has no field {self.text_field!r}; pass "
                              "text_field= (--text-field) to name the field that holds the text")
-        return record[self.text_field]
+        text = record[self.text_field]
+        if not isinstance(text, str):
+            raise InputError(f"{self.path}: document {index} has a {type(text).__name__} in field "
+                             f"{self.text_field!r}, not text; fix the record or pass text_field= for the text field")
+        return text
 
     def __getitem__(self, index: int):
         with open(self.path, "rb") as f:
