@@ -353,6 +353,8 @@ def test_beyond_the_list_stats_arguments(tmp_path, llama):
         collect_stats(llama, W.tokenizer(), [1], ["the sun", None], max_length=16, progress=False)
     with pytest.raises(InputError, match="unknown metadata"):
         load_stats(tmp_path, "tiny", [1], "python", sead=1)
+    with pytest.raises(InputError, match="empty string"):
+        _collect(llama, docs, "")
 
 
 def test_beyond_the_list_records_and_batch_size(tmp_path):

@@ -168,6 +168,9 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
 
     result, todo, directory, checkpoint = {}, list(layers), None, None
     if cache_dir is not None:
+        if not str(cache_dir).strip():
+            raise InputError("cache_dir is an empty string (which would write into the working directory); pass "
+                             "a directory, or None to compute without caching")
         directory = cache.stats_dir(cache_dir, request["model"], source.name)
         _io.ensure_directory(directory, "the statistics cache directory")
         _io.remove_stale_temporaries(directory)
