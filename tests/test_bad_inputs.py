@@ -84,6 +84,21 @@ def test_stats_cache_is_keyed_by_corpus_content_and_model_weights(tmp_path, llam
         _collect(llama, iter(docs), tmp_path / "cache")
 
 
+def test_weights_fingerprint_ignores_dtype_and_edits_but_not_other_weights():
+    from fastedit.models import get_adapter
+
+    def fp(m):
+        return cache.weights_fingerprint(m, get_adapter(m))
+    base = fp(W.model("llama"))
+    assert fp(W.model("llama").to(torch.bfloat16)) == base  # one checkpoint loaded in another dtype
+    edited = W.model("llama")
+    edited.model.layers[1].mlp.down_proj.weight.data.add_(1.0)  # what an edit writes
+    assert fp(edited) == base
+    tuned = W.model("llama")
+    tuned.model.layers[1].mlp.up_proj.weight.data.mul_(1.01)  # a fine-tune of a weight below the keys
+    assert fp(tuned) != base
+
+
 def test_a_flipped_bit_in_a_stored_sum_is_detected(tmp_path):
     acc = CovarianceAccumulator(5)
     acc.update(torch.randn(7, 5, dtype=torch.float64))
@@ -216,9 +231,10 @@ def test_damaged_checkpoint_record_and_template_cache(tmp_path, llama, monkeypat
     progress.write_text('{"documents": ')
     with pytest.raises(InputError, match="progress.json.*damaged"):
         _collect(llama, docs, tmp_path, checkpoint_every=1, token_budget=16)
-    progress.write_text('{"documents": -1, "layers": [], "request": {}}')
-    with pytest.raises(InputError, match="progress.json.*damaged"):
-        _collect(llama, docs, tmp_path, checkpoint_every=1, token_budget=16)
+    for state in ('{"documents": -1, "layers": [], "request": {}}', '{"documents": true, "layers": [], "request": {}}'):
+        progress.write_text(state)
+        with pytest.raises(InputError, match="progress.json.*damaged"):
+            _collect(llama, docs, tmp_path, checkpoint_every=1, token_budget=16)
     # a damaged context-template cache entry is regenerated (the templates are a function of the model)
     from fastedit.editing import context
 
@@ -348,6 +364,10 @@ def test_beyond_the_list_stats_arguments(tmp_path, llama):
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "the sun"}) + "\n" + json.dumps({"text": 7}) + "\n")
     with pytest.raises(InputError, match=r"c\.jsonl: document 1 has a int"):
         collect_stats(llama, W.tokenizer(), [1], str(tmp_path / "c.jsonl"), max_length=16, progress=False)
+    with pytest.raises(InputError, match="hold no tokens"):  # nothing would be cached as C0 = 0/0
+        _collect(llama, ["", "  "], tmp_path)
+    with pytest.raises(InputError, match="got a dict"):
+        collect_stats(llama, W.tokenizer(), [1], {0: "the sun"}, max_length=16, progress=False)
     # None in a document list
     with pytest.raises(InputError, match="must be a string or a sequence of token ids"):
         collect_stats(llama, W.tokenizer(), [1], ["the sun", None], max_length=16, progress=False)
@@ -370,3 +390,6 @@ def test_beyond_the_list_records_and_batch_size(tmp_path):
     ed = Editor(W.model("llama"), W.tokenizer(), method="memit", hparams=HP, stats={}, progress=False)
     with pytest.raises(EditError, match="batch_size"):
         ed.edit(W.REQUESTS, batch_size=True)
+    with pytest.raises(InputError, match="stats must be a dict"):
+        Editor(W.model("llama"), W.tokenizer(), method="memit", hparams=HP, stats=[torch.eye(192)],
+               progress=False).covariance(1)

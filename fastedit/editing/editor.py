@@ -22,6 +22,7 @@ before the call (``report.rolled_back`` is then True).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -213,8 +214,11 @@ class Editor:
             C0 = stats[layer]
             if hasattr(C0, "mean") and hasattr(C0, "count"):  # a CovarianceAccumulator
                 C0 = C0.mean()
-        else:
+        elif isinstance(stats, (str, os.PathLike)):
             C0 = stats_cache.load_directory(stats, layer, self._identity(layer)).mean()
+        else:
+            raise InputError(f"stats must be a dict {{layer: C0}} or a statistics directory, got "
+                             f"{type(stats).__name__}")
         C0 = torch.as_tensor(C0).to(device=self.adapter.device, dtype=torch.float64)
         d_k = self.adapter.d_k
         if C0.shape != (d_k, d_k):

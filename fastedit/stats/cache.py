@@ -215,7 +215,7 @@ class Checkpoint:
 
     def _state(self) -> dict:
         state = _io.read_json(self.progress, "the checkpoint record")
-        ok = (isinstance(state, dict) and isinstance(state.get("documents"), int) and state["documents"] >= 0
+        ok = (isinstance(state, dict) and type(state.get("documents")) is int and state["documents"] >= 0
               and isinstance(state.get("layers"), list) and isinstance(state.get("request"), dict))
         if not ok:
             raise InputError(f"the checkpoint record {str(self.progress)!r} is damaged (it must hold 'documents', "

@@ -191,6 +191,9 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
         accs, docs, consumed, total, checkpoint=checkpoint, request=request, layer_meta=layer_meta,
         checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds, on_batch=on_batch)
     accs = distributed.all_reduce(accs)
+    if any(acc.count == 0 for acc in accs.values()):
+        raise InputError(f"the documents read from {source.name!r} hold no tokens (all empty after tokenization); "
+                         "check the corpus and its text field")
     if directory is not None:
         _save(directory, accs, layer_meta, selection, seed=seed, num_samples=num_samples, rank=rank,
               world_size=world_size, documents=len(selection) if selection is not None else consumed)

@@ -225,6 +225,9 @@ def open_corpus(source, *, name: str | None = None, text_field: str = "text", sp
         if name:
             corpus.name = name
         return corpus
+    if isinstance(source, (dict, bytes, bytearray)):
+        raise InputError(f"corpus must be a file path, a dataset name or a sequence of documents, got a "
+                         f"{type(source).__name__} (for a dict of documents pass list(d.values()))")
     if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
         return SequenceCorpus(source, name or "python", text_field)
     if hasattr(source, "__iter__"):
