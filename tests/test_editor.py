@@ -237,18 +237,14 @@ def test_cli_edits_saves_the_model_and_a_report(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from fastedit.cli import main
-    from fastedit.linalg import CovarianceAccumulator
 
     tok, model = W.tokenizer(), W.model("llama")
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     hp = presets.get("tiny")
     stats_dir = tmp_path / "stats"
-    stats_dir.mkdir()
     for l, C in W.covariances(model, hp.layers).items():
-        acc = CovarianceAccumulator(C.shape[0])
-        acc.update(torch.linalg.cholesky(C).T.contiguous())
-        acc.save(stats_dir / f"layer_{l}.safetensors", {"layer": l})
+        _write_stats(stats_dir, model, l, C)
     (tmp_path / "req.json").write_text(json.dumps(_records(W.REQUESTS)))
     common = ["edit", "--model", str(tmp_path / "model"), "--requests", str(tmp_path / "req.json"), "--preset", "tiny",
               "--device", "cpu", "--no-progress"]
