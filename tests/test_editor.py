@@ -113,11 +113,15 @@ def test_fault_after_the_first_layer_restores_weights_and_state(monkeypatch, met
         return real(*args, **kwargs)
 
     monkeypatch.setattr(methods_mod, "compute_keys", failing_keys)
-    with pytest.raises(EditError) as info:
+    # Ctrl-C is rolled back and re-raised as itself (so `except Exception` cannot swallow it),
+    # carrying the EditError that names the stage, and the report.
+    with pytest.raises(EditError if exc_type is RuntimeError else KeyboardInterrupt) as info:
         ed.edit(W.REQUESTS[2:], batch_size=2)
-    assert info.value.stage == "keys"
-    assert isinstance(info.value.__cause__, exc_type)
-    assert "case_id 13, 14" in str(info.value)
+    error = info.value if exc_type is RuntimeError else info.value.edit_error
+    assert error.stage == "keys"
+    assert isinstance(error.__cause__ if exc_type is RuntimeError else info.value, exc_type)
+    assert "case_id 13, 14" in str(error)
+    assert info.value.report.batches == []
     W.assert_unchanged(ed.model, before)
     for l in ed.edit_layers:
         assert torch.equal(_probe(ed, l), probes[l])
@@ -184,20 +188,43 @@ def test_bad_configuration_is_refused():
                progress=False).edit(W.REQUESTS)
 
 
-def test_stats_directory_from_fastedit_stats(tmp_path):
+def _write_stats(directory, model, layer, C, override=None):
+    """Statistics of ``layer`` whose Σ k kᵀ is C (over d_k "tokens", so C0 = C / d_k), written
+    through the stats cache with ``model``'s identity (fields in ``override`` replaced)."""
     from fastedit.linalg import CovarianceAccumulator
+    from fastedit.models import get_adapter
+    from fastedit.stats import cache
+
+    acc = CovarianceAccumulator(C.shape[0])
+    acc.update(torch.linalg.cholesky(C).T.contiguous())
+    directory.mkdir(parents=True, exist_ok=True)
+    cache.save_layer(cache.layer_path(directory, layer), acc,
+                     {**cache.identity(model, get_adapter(model), layer), **(override or {})})
+
+
+def test_stats_directory_from_fastedit_stats(tmp_path):
+    from fastedit.errors import CacheMismatchError
 
     tok, model = W.tokenizer(), W.model("llama")
     hp = presets.get("tiny")
     stats = W.fresh_covariances("llama", hp.layers)
     for l, C in stats.items():
-        acc = CovarianceAccumulator(C.shape[0])
-        acc.update(torch.linalg.cholesky(C).T.contiguous())  # Σ k kᵀ = C over d_k "tokens"
-        acc.save(tmp_path / f"layer_{l}.safetensors", {"layer": l, "complete": "true"})
-    a = Editor(model, tok, method="memit", hparams=hp, stats=tmp_path, progress=False).covariance(1)
+        _write_stats(tmp_path / "ok", model, l, C)
+    a = Editor(model, tok, method="memit", hparams=hp, stats=tmp_path / "ok", progress=False).covariance(1)
     torch.testing.assert_close(a * a.shape[0], stats[1], rtol=1e-10, atol=1e-12)
     with pytest.raises(InputError, match="layer_3"):
-        Editor(model, tok, method="memit", hparams=hp, layers=(3,), stats=tmp_path, progress=False).covariance(3)
+        Editor(model, tok, method="memit", hparams=hp, layers=(3,), stats=tmp_path / "ok",
+               progress=False).covariance(3)
+    # Another model of the same shapes (other weights), another module, layer or an old format:
+    # each refused, naming the field, never used.
+    other = W.model("llama", seed=1)
+    with pytest.raises(CacheMismatchError, match="another model.*weights"):
+        Editor(other, tok, method="memit", hparams=hp, stats=tmp_path / "ok", progress=False).covariance(1)
+    for field, value in [("module", "transformer.h.1.mlp.c_proj"), ("layer", 2), ("d_k", 7),
+                         ("format", "fastedit-covariance-1")]:
+        _write_stats(tmp_path / field, model, 1, stats[1], {field: value})
+        with pytest.raises(CacheMismatchError, match=field):
+            Editor(model, tok, method="memit", hparams=hp, stats=tmp_path / field, progress=False).covariance(1)
 
 
 def _records(requests):
@@ -210,18 +237,14 @@ def test_cli_edits_saves_the_model_and_a_report(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from fastedit.cli import main
-    from fastedit.linalg import CovarianceAccumulator
 
     tok, model = W.tokenizer(), W.model("llama")
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     hp = presets.get("tiny")
     stats_dir = tmp_path / "stats"
-    stats_dir.mkdir()
     for l, C in W.covariances(model, hp.layers).items():
-        acc = CovarianceAccumulator(C.shape[0])
-        acc.update(torch.linalg.cholesky(C).T.contiguous())
-        acc.save(stats_dir / f"layer_{l}.safetensors", {"layer": l})
+        _write_stats(stats_dir, model, l, C)
     (tmp_path / "req.json").write_text(json.dumps(_records(W.REQUESTS)))
     common = ["edit", "--model", str(tmp_path / "model"), "--requests", str(tmp_path / "req.json"), "--preset", "tiny",
               "--device", "cpu", "--no-progress"]

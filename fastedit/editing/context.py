@@ -23,6 +23,7 @@ import re
 
 import torch
 
+from fastedit._io import write_json
 from fastedit.errors import InputError
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
@@ -111,9 +112,13 @@ def context_templates(model, tokenizer, *, n: int = 5, length: int = 10, seed: i
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{key[0]}-{tok_name}")
         path = pathlib.Path(directory) / "context_templates" / f"{stem}-n{n}-len{length}-seed{seed}.json"
         if path.is_file():
-            templates = check_templates(json.loads(path.read_text(encoding="utf-8")))
-            _MEMORY[key] = templates
-            return [list(g) for g in templates]
+            try:
+                templates = check_templates(json.loads(path.read_text(encoding="utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError, InputError):
+                templates = None  # a damaged cache entry is regenerated, and rewritten below
+            if templates is not None:
+                _MEMORY[key] = templates
+                return [list(g) for g in templates]
     seeds = [w for k, w in enumerate(SEED_WORDS) for _ in range(n // len(SEED_WORDS) + (k < n % len(SEED_WORDS)))]
     generator = torch.Generator().manual_seed(seed)
     texts = _sample(model, tokenizer, seeds, length, generator)
@@ -121,8 +126,5 @@ def context_templates(model, tokenizer, *, n: int = 5, length: int = 10, seed: i
     if cache:
         _MEMORY[key] = templates
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(templates), encoding="utf-8")
-            tmp.replace(path)
+            write_json(path, templates)
     return [list(g) for g in templates]

@@ -11,24 +11,34 @@ Each batch snapshots the weights of the layers it may write. If anything fails i
 state (accumulated keys, C_p) is rolled back, and :class:`fastedit.errors.EditError` is raised
 naming the stage and the requests, with the original exception chained. Earlier batches of the
 same call stay applied; the error carries their report as ``exc.report``.
+
+A KeyboardInterrupt is rolled back the same way and then re-raised as itself (so
+``except Exception`` never swallows Ctrl-C), carrying ``exc.report`` and ``exc.edit_error``
+(the EditError naming stage and requests). With ``regularizer="prune"`` the whole call is one
+transaction: PRUNE rewrites every batch's update at the end, so a failure in any batch or in
+PRUNE restores the weights, the sequential state and PRUNE's running total to what they were
+before the call (``report.rolled_back`` is then True).
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from fastedit.editing.context import context_templates
+from fastedit._hf import context_length
+from fastedit.editing.context import context_templates, flatten
 from fastedit.editing.hparams import EditParams
 from fastedit.editing.methods import (METHODS, REGULARIZERS, STRATEGIES, STRATEGY_FUNCS, BatchRun, edited_layers,
                                       make_solver)
 from fastedit.editing.nas import AnchorCache, anchor_key, choose_sample, estimate_anchor, weight_fingerprint
 from fastedit.editing.regularizers import prune_restrain
-from fastedit.editing.requests import Request, validate_requests
+from fastedit.editing.requests import Request, check_context_fit, validate_requests
 from fastedit.errors import EditError, FastEditError, InputError
 from fastedit.models import get_adapter
+from fastedit.stats import cache as stats_cache
 
 
 @dataclass
@@ -66,6 +76,7 @@ class EditReport:
     weight_norms: dict = field(default_factory=dict)
     seconds: float = 0.0
     prepare_seconds: float = 0.0
+    rolled_back: bool = False
 
     @property
     def n_edited(self) -> int:
@@ -89,6 +100,7 @@ class EditReport:
                 "weight_norms": {str(k): v for k, v in self.weight_norms.items()},
                 "times": self.times(), "seconds": self.seconds, "prepare_seconds": self.prepare_seconds,
                 "edits_per_second": (self.n_edited / self.seconds) if self.seconds > 0 else None,
+                "rolled_back": self.rolled_back,
                 "batches": [b.to_dict() for b in self.batches]}
 
     def to_json(self, **kwargs) -> str:
@@ -118,7 +130,10 @@ class Editor:
         hparams: an :class:`EditParams`, or a preset name (specialised to method × strategy).
         stats: {layer: C0 (d_k, d_k)} per-token mean covariances of the rewrite-module inputs, for
             every edited layer (tensors or CovarianceAccumulators, e.g. ``collect_stats(...)``), or
-            the directory holding the ``layer_<l>.safetensors`` files :mod:`fastedit.stats` writes.
+            the directory holding the ``layer_<l>.safetensors`` files :mod:`fastedit.stats` writes
+            (refused when collected for another model: weights, module, d_k or layer differ; with
+            AlphaEdit the null-space basis is cached beside them, see
+            :func:`fastedit.stats.cache.null_space`).
         layers: overrides ``hparams.layers`` (and resets ``blue_layers`` to its ends).
         device: moves the model there first when given.
         progress: show a tqdm bar over the edits.
@@ -153,6 +168,10 @@ class Editor:
         self.progress = progress
         self.adapter = get_adapter(model)
         self.edit_layers = edited_layers(strategy, hparams)
+        if strategy == "blue" and len(set(self.edit_layers)) != len(self.edit_layers):
+            raise InputError(f"BLUE edits its first and last critical layers, but both are layer {self.edit_layers[0]} "
+                             "(one critical layer); use strategy='distribute', which edits a single layer once "
+                             "exactly as a one-layer BLUE would, or give two layers")
         for l in (*hparams.layers, *hparams.boundary_layers):
             self.adapter.check_layer(l)
         self._stats = stats
@@ -164,6 +183,7 @@ class Editor:
         self._originals = {l: self.adapter.weight_param(l).detach().clone() for l in self.edit_layers}
         self._fingerprints = {l: weight_fingerprint(model, self.adapter, l) for l in self.edit_layers}
         self._raw_delta: dict = {}
+        self._stats_identity: dict | None = None
         self._broken: str | None = None
         self.batches_done = 0
 
@@ -179,12 +199,7 @@ class Editor:
             torch.cuda.synchronize(self.adapter.device)
 
     def _max_length(self):
-        cfg = getattr(self.model, "config", None)
-        for name in ("max_position_embeddings", "n_positions"):
-            v = getattr(cfg, name, None)
-            if isinstance(v, int) and v > 0:
-                return v
-        return None
+        return context_length(self.model)
 
     def covariance(self, layer: int) -> torch.Tensor:
         """C0 of ``layer`` (d_k, d_k), float64 on the model's device, from ``stats``."""
@@ -199,8 +214,11 @@ class Editor:
             C0 = stats[layer]
             if hasattr(C0, "mean") and hasattr(C0, "count"):  # a CovarianceAccumulator
                 C0 = C0.mean()
+        elif isinstance(stats, (str, os.PathLike)):
+            C0 = stats_cache.load_directory(stats, layer, self._identity(layer)).mean()
         else:
-            C0 = _load_stats_covariance(stats, layer)
+            raise InputError(f"stats must be a dict {{layer: C0}} or a statistics directory, got "
+                             f"{type(stats).__name__}")
         C0 = torch.as_tensor(C0).to(device=self.adapter.device, dtype=torch.float64)
         d_k = self.adapter.d_k
         if C0.shape != (d_k, d_k):
@@ -209,6 +227,19 @@ class Editor:
             raise InputError(f"stats for layer {layer} contains NaN or Inf; recompute the statistics")
         return C0
 
+    def _identity(self, layer: int) -> dict:
+        """What a statistics file must record to be this model's statistics of ``layer``."""
+        if self._stats_identity is None:
+            self._stats_identity = stats_cache.identity(self.model, self.adapter, layer)
+        return {**self._stats_identity, "layer": layer, "module": self.adapter.rewrite_name(layer)}
+
+    def _solver(self, layer: int):
+        C0 = self.covariance(layer)
+        null_space = None
+        if self.method == "alphaedit" and not isinstance(self._stats, dict):
+            null_space = stats_cache.null_space(self._stats, layer, C0, self.hparams.nullspace_threshold)
+        return make_solver(self.method, C0, self.hparams, layer, null_space=null_space)
+
     def _prepare(self, requests: list, nas_requests, report: EditReport) -> None:
         """Templates, solvers and NAS anchors: everything computed on the unedited model, once."""
         if self._templates is None:
@@ -216,7 +247,7 @@ class Editor:
                                                 length=self.hparams.context_length, seed=0)
         for l in self.edit_layers:
             if l not in self._solvers:
-                self._solvers[l] = make_solver(self.method, self.covariance(l), self.hparams, l)
+                self._solvers[l] = self._solver(l)
         if self.nas:
             anchor_layers = (self.hparams.layers[-1],) if self.strategy == "distribute" else self.edit_layers
             sample = choose_sample(list(nas_requests) if nas_requests is not None else requests,
@@ -244,13 +275,15 @@ class Editor:
         """Apply ``requests`` in sequential batches of ``batch_size``; returns an :class:`EditReport`.
 
         ``nas_requests``: the sample whose v* norms set the NAS anchors (default: the first batch).
-        Raises :class:`EditError` (weights of the failing batch restored) naming stage and request.
+        Raises :class:`EditError` (weights of the failing batch restored) naming stage and request;
+        a KeyboardInterrupt is re-raised as itself after the same rollback, with ``.report`` and
+        ``.edit_error`` attached (see the module docstring, also for PRUNE's one transaction).
         """
         t_start = time.perf_counter()
         if self._broken:
             raise EditError(self._broken, stage="state")
         requests = self._coerce(requests)
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise EditError(f"batch_size must be a positive integer, got {batch_size!r}", stage="validate")
         self._validate(requests)
         report = EditReport(config=self.config)
@@ -258,21 +291,29 @@ class Editor:
             self._prepare(requests, nas_requests if nas_requests is not None else requests[:batch_size], report)
         except FastEditError as exc:
             raise EditError(f"preparing the edit failed (nothing was changed): {exc}", stage="prepare") from exc
-        except BaseException as exc:
+        except Exception as exc:
             raise EditError(f"preparing the edit failed (nothing was changed): {type(exc).__name__}: {exc}",
                             stage="prepare") from exc
+        self._validate_fit(requests)
         report.prepare_seconds = time.perf_counter() - t_start
+        call = _CallUndo(self) if self.regularizer == "prune" else None
         bar = _progress(len(requests), self.progress, f"{self.method}/{self.strategy}")
         try:
             for start in range(0, len(requests), batch_size):
-                try:
-                    report.batches.append(self._edit_batch(requests, start, min(start + batch_size, len(requests))))
-                except EditError as exc:
-                    exc.report = report
-                    raise
+                stop = min(start + batch_size, len(requests))
+                report.batches.append(self._edit_batch(requests, start, stop, call))
                 bar.update(len(report.batches[-1].requests))
             if self.regularizer == "prune":
                 report.prune = self._prune()
+        except BaseException as exc:
+            if call is not None:
+                report.rolled_back = call.undo()
+            exc.report = report
+            if isinstance(exc, EditError) and report.rolled_back:
+                raise EditError(f"{exc}; regularizer='prune' makes edit() one transaction, so the "
+                                f"{len(report.batches)} earlier batch(es) of this call were undone too: the weights "
+                                "are as before the call", request_index=exc.request_index, stage=exc.stage) from exc
+            raise
         finally:
             bar.close()
         report.weight_norms = self.weight_norms()
@@ -302,7 +343,14 @@ class Editor:
             raise EditError(f"validation failed, nothing was changed: {exc}", request_index=index,
                             stage="validate") from exc
 
-    def _edit_batch(self, requests: list, start: int, stop: int) -> BatchReport:
+    def _validate_fit(self, requests: list) -> None:
+        """Every v* row (context prefix + prompt + target) fits the model's context."""
+        try:
+            check_context_fit(requests, self.tok, self._max_length(), flatten(self._templates))
+        except InputError as exc:
+            raise EditError(f"validation failed, nothing was changed: {exc}", stage="validate") from exc
+
+    def _edit_batch(self, requests: list, start: int, stop: int, call: "_CallUndo | None" = None) -> BatchReport:
         t0 = time.perf_counter()
         batch = requests[start:stop]
         params = {l: self.adapter.weight_param(l) for l in self.edit_layers}
@@ -344,8 +392,14 @@ class Editor:
             if isinstance(exc, EditError) and exc.request_index is not None and exc.request_index < len(run.kept):
                 # the stage numbered the request within the (kept) requests it was given
                 index = start + run.kept[exc.request_index]
-            raise EditError(f"edit failed at stage {stage!r} on {which}; the weights were restored: {detail}",
-                            request_index=index, stage=stage) from exc
+            error = EditError(f"edit failed at stage {stage!r} on {which}; the weights were restored: {detail}",
+                              request_index=index, stage=stage)
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: rolled back, then itself
+                exc.edit_error = error
+                raise
+            raise error from exc
+        if call is not None:
+            call.accumulated.extend(accumulated)
         self.batches_done += 1
         return BatchReport(index=self.batches_done - 1, requests=list(range(start, stop)),
                            case_ids=[r.case_id for r in batch], edited=[start + i for i in run.kept],
@@ -354,22 +408,18 @@ class Editor:
                            layers=run.layers, times=run.times, seconds=time.perf_counter() - t0)
 
     def _prune(self) -> dict:
-        """W ← W0 + F(ΔW_total) on every edited layer (PRUNE), transactionally."""
-        params = {l: self.adapter.weight_param(l) for l in self._raw_delta}
-        snapshot = {l: p.detach().clone() for l, p in params.items()}
+        """W ← W0 + F(ΔW_total) on every edited layer (PRUNE); the caller's transaction
+        (:class:`_CallUndo`) restores the weights if it fails."""
         out = {}
         try:
-            for l, p in params.items():
+            for l in self._raw_delta:
                 w0 = self._dk(self._originals[l])
                 restrained, info = prune_restrain(self._raw_delta[l], w0)
                 W = self.adapter.weight(l)
                 W.copy_((w0.to(torch.float64) + restrained).to(W.dtype))
                 out[l] = info
-        except BaseException as exc:
-            for l, p in params.items():
-                p.data.copy_(snapshot[l])
-            raise EditError(f"PRUNE failed; the weights were restored: {type(exc).__name__}: {exc}",
-                            stage="prune") from exc
+        except Exception as exc:
+            raise EditError(f"PRUNE failed: {type(exc).__name__}: {exc}", stage="prune") from exc
         return out
 
     def _dk(self, stored: torch.Tensor) -> torch.Tensor:
@@ -401,6 +451,33 @@ class Editor:
         self.batches_done = 0
 
 
+class _CallUndo:
+    """What one ``edit()`` call changed, to undo all of it (PRUNE's one transaction): the edited
+    weights, PRUNE's running total and batch count as they were, and the keys each batch added
+    to the sequential solver state."""
+
+    def __init__(self, editor: "Editor"):
+        self.editor = editor
+        self.weights = {l: editor.adapter.weight_param(l).detach().clone() for l in editor.edit_layers}
+        self.raw_delta = dict(editor._raw_delta)
+        self.batches_done = editor.batches_done
+        self.accumulated: list = []
+
+    def undo(self) -> bool:
+        ed = self.editor
+        for l, w in self.weights.items():
+            ed.adapter.weight_param(l).data.copy_(w)
+        ed._raw_delta = self.raw_delta
+        ed.batches_done = self.batches_done
+        try:
+            for l, K in reversed(self.accumulated):
+                ed._solvers[l].accumulate(K, sign=-1)
+        except BaseException as undo_exc:
+            ed._broken = (f"the sequential solver state could not be rolled back after a failed edit() call "
+                          f"({type(undo_exc).__name__}: {undo_exc}); call restore() to start over")
+        return True
+
+
 def _describe(batch: list, start: int) -> str:
     ids = [r.case_id for r in batch if r.case_id is not None]
     where = f"request {start}" if len(batch) == 1 else f"requests {start}-{start + len(batch) - 1}"
@@ -415,26 +492,3 @@ def _progress(total: int, enabled: bool, desc: str):
 
     return tqdm(total=total, disable=not enabled, unit="edit", desc=desc)
 
-
-def _load_stats_covariance(stats, layer: int) -> torch.Tensor:
-    """C0 of ``layer`` from a statistics directory written by :mod:`fastedit.stats`
-    (``<dir>/layer_<l>.safetensors``, a saved :class:`fastedit.linalg.CovarianceAccumulator`)."""
-    import pathlib
-
-    from fastedit.linalg import CovarianceAccumulator
-
-    directory = pathlib.Path(stats)
-    if not directory.is_dir():
-        raise InputError(f"stats={str(stats)!r} is not a directory; pass {{layer: C0}} or the directory "
-                         "holding layer_<l>.safetensors made by `fastedit stats`")
-    path = directory / f"layer_{layer}.safetensors"
-    if not path.is_file():
-        raise InputError(f"no statistics for layer {layer} in {directory} (expected {path.name}); collect them "
-                         f"with `fastedit stats --layers {layer} ...` and pass the directory holding the files")
-    acc = CovarianceAccumulator.load(path)
-    meta = dict(acc.metadata)
-    if meta.get("complete", "true") != "true":
-        raise InputError(f"{path} is an unfinished statistics checkpoint; finish the `fastedit stats` run first")
-    if "layer" in meta and meta["layer"] != str(layer):
-        raise InputError(f"{path} holds the statistics of layer {meta['layer']}, not layer {layer}")
-    return acc.mean()

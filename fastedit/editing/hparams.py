@@ -6,6 +6,7 @@ defines the fields, their meaning and their validation.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 
 from fastedit.errors import InputError
@@ -56,14 +57,14 @@ class EditParams:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        layers = tuple(int(l) for l in self.layers)
+        layers = _layer_tuple("layers", self.layers)
         object.__setattr__(self, "layers", layers)
         if not layers:
             raise InputError("EditParams.layers is empty: give the critical layers to edit, e.g. (4, 5, 6, 7, 8)")
         if list(layers) != sorted(set(layers)):
             raise InputError(f"EditParams.layers {layers} must be strictly increasing")
         if self.blue_layers is not None:
-            bl = tuple(int(l) for l in self.blue_layers)
+            bl = _layer_tuple("blue_layers", self.blue_layers)
             if len(bl) != 2 or bl[0] >= bl[1]:
                 raise InputError(f"EditParams.blue_layers {self.blue_layers} must be two increasing layers (first, last)")
             object.__setattr__(self, "blue_layers", bl)
@@ -105,3 +106,19 @@ class EditParams:
         return VStarParams(v_num_grad_steps=self.v_num_grad_steps, v_lr=self.v_lr,
                            clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
                            v_weight_decay=self.v_weight_decay)
+
+
+
+def _layer_tuple(name: str, layers) -> tuple:
+    """Layer indices as ints; 1.5 or True is refused rather than truncated to a layer."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise InputError(f"EditParams.{name} must be a sequence of integer layer indices, got {layers!r}")
+    out = []
+    for l in layers:
+        if isinstance(l, bool):
+            raise InputError(f"EditParams.{name}: {l!r} is not a layer index")
+        try:
+            out.append(operator.index(l))
+        except TypeError:
+            raise InputError(f"EditParams.{name}: {l!r} is not an integer layer index (in {tuple(layers)!r})") from None
+    return tuple(out)

@@ -80,8 +80,9 @@ class AlphaEditSolver(LayerSolver):
 
     sequential = True
 
-    def __init__(self, C0: torch.Tensor, *, threshold: float, alpha: float, layer: int):
-        self.impl = linalg.NullSpace.from_covariance(C0, threshold=threshold)
+    def __init__(self, C0: torch.Tensor, *, threshold: float, alpha: float, layer: int, null_space=None):
+        self.impl = null_space if null_space is not None else linalg.NullSpace.from_covariance(
+            C0, threshold=threshold, layer=layer)
         self.alpha = float(alpha)
         self.layer = layer
         if self.impl.rank == 0:
@@ -95,14 +96,16 @@ class AlphaEditSolver(LayerSolver):
         self.impl.accumulate(K, sign=sign)
 
 
-def make_solver(method: str, C0: torch.Tensor, hparams, layer: int) -> LayerSolver:
-    """The :class:`LayerSolver` of ``method`` for one layer with covariance C0 (d_k, d_k)."""
+def make_solver(method: str, C0: torch.Tensor, hparams, layer: int, *, null_space=None) -> LayerSolver:
+    """The :class:`LayerSolver` of ``method`` for one layer with covariance C0 (d_k, d_k).
+    ``null_space``: AlphaEdit's basis of C0 computed before (e.g. read from the statistics cache)."""
     if method == "memit":
         return MemitSolver(C0, hparams.lam, layer=layer)
     if method == "memit_seq":
         return MemitSolver(C0, hparams.lam, layer=layer, sequential=True, mu=hparams.mu)
     if method == "alphaedit":
-        return AlphaEditSolver(C0, threshold=hparams.nullspace_threshold, alpha=hparams.L2, layer=layer)
+        return AlphaEditSolver(C0, threshold=hparams.nullspace_threshold, alpha=hparams.L2, layer=layer,
+                               null_space=null_space)
     raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
 
 

@@ -193,6 +193,10 @@ def _check_readout(model, adapter: ModelAdapter, batch: TokenBatch) -> None:
     mask = batch.attention_mask.bool()
     err = ((ours - theirs)[mask].norm() / theirs[mask].norm().clamp_min(1e-30)).item()
     tol = max(1e-4, 16 * torch.finfo(adapter.dtype).eps)
+    if not (torch.isfinite(theirs[mask]).all() and torch.isfinite(ours[mask]).all()):
+        raise FastEditError(f"the model's activations hold NaN or Inf on the edit prompts (dtype "
+                            f"{str(adapter.dtype).removeprefix('torch.')}); in float16, overflow is the usual cause: "
+                            "load the model in bfloat16 or float32. Otherwise check the weights for NaN/Inf")
     if not err <= tol:
         raise FastEditError(f"this model's logits are not lm_head(final_norm(last hidden state)) (relative "
                             f"difference {err:.2e}), so v* cannot read its loss at the final layer; "

@@ -39,6 +39,27 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         )
 
 
+#: Relative asymmetry max|A − Aᵀ| / max|A| a covariance may have: rounding of a float32
+#: product is ~1e-7; only the lower triangle of A is ever read, so more means a wrong input.
+SYMMETRY_RTOL = 1e-5
+
+
+def check_symmetric(name: str, t: torch.Tensor, *, rows_per_block: int = 1024) -> None:
+    """InputError unless the (batch of) square matrix ``t`` is symmetric up to
+    :data:`SYMMETRY_RTOL` relative to its largest entry. Compared in row blocks, so the check
+    needs no full-size temporary."""
+    n = t.shape[-1]
+    scale = float(t.abs().amax()) if t.numel() else 0.0
+    worst = 0.0
+    for start in range(0, n, rows_per_block):
+        rows = slice(start, min(start + rows_per_block, n))
+        worst = max(worst, float((t[..., rows, :] - t[..., :, rows].mT).abs().amax()))
+    if worst > SYMMETRY_RTOL * scale:
+        raise InputError(f"{name} is not symmetric: max|{name} − {name}ᵀ| = {worst:.3e} against max|{name}| = "
+                         f"{scale:.3e}; a covariance E[k kᵀ] is symmetric (only its lower triangle would be used). "
+                         f"Pass the covariance itself, or symmetrise it as ({name} + {name}ᵀ)/2 if that is meant")
+
+
 def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, dtype: bool = True) -> None:
     """InputError unless ``t`` matches ``ref`` in device (and dtype when asked)."""
     if t.device != ref.device:

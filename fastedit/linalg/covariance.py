@@ -23,12 +23,11 @@ is authoritative; ``.sum`` symmetrises it on read.
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 import torch
 
+from fastedit._io import load_tensors, save_tensors
 from fastedit.errors import InputError
 from fastedit.linalg import backends
 
@@ -210,13 +209,12 @@ class CovarianceAccumulator:
     def save(self, path, metadata: dict | None = None) -> None:
         """Write sum (float64), count and string metadata to a safetensors file, atomically:
         a temporary file in the same folder is renamed over ``path`` only once complete, so a
-        reader never sees a partial file under the final name.
+        reader never sees a partial file under the final name. Each tensor's SHA-256 is stored
+        beside it (``sha256.sum``, ``sha256.count``) and checked by :meth:`load`.
 
         ``metadata`` values may be str, int, float or bool (stored as str); they are also
-        kept as ``self.metadata``.
+        kept as ``self.metadata`` (``sha256.*`` keys are replaced by the new checksums).
         """
-        from safetensors.torch import save_file
-
         self._check_valid()
         meta = {} if metadata is None else dict(metadata)
         for key, value in meta.items():
@@ -231,34 +229,18 @@ class CovarianceAccumulator:
             "sum": self.sum.cpu().contiguous(),
             "count": torch.tensor([self._count], dtype=torch.int64),
         }
-        path = pathlib.Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={**meta, "fastedit_format": _FORMAT})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        save_tensors(path, tensors, {**meta, "fastedit_format": _FORMAT})
         self.metadata = meta
 
     @classmethod
     def load(cls, path, *, device=None, backend: str | None = None) -> "CovarianceAccumulator":
-        """Read a file written by :meth:`save`; the result can keep accumulating (resume)."""
-        from safetensors import safe_open
-
+        """Read a file written by :meth:`save`; the result can keep accumulating (resume).
+        A tensor that does not match its stored checksum is an InputError naming the file
+        (files written before checksums existed load unchecked)."""
         path = pathlib.Path(path)
         if not path.is_file():
             raise InputError(f"covariance file {str(path)!r} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as exc:  # safetensors raises several types for a corrupt file
-            raise InputError(f"{str(path)!r} is not a readable safetensors file ({exc}); "
-                             f"recompute the statistics") from exc
+        tensors, meta = load_tensors(path, require_checksums=False)
         if meta.pop("fastedit_format", None) != _FORMAT:
             raise InputError(f"{str(path)!r} is not a fastedit covariance file "
                              f"(no fastedit_format={_FORMAT!r} in its metadata)")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from fastedit.errors import InputError
+from fastedit.errors import InputError, NotPositiveDefiniteError
 from fastedit.linalg import backends
-from fastedit.linalg._checks import check_finite, check_float, check_rows, check_same, check_square
+from fastedit.linalg._checks import check_finite, check_float, check_rows, check_same, check_square, check_symmetric
 from fastedit.linalg.woodbury import LowRankCholesky
 
 
@@ -48,15 +48,48 @@ class NullSpace:
     @classmethod
     def from_covariance(cls, C0, threshold: float = 2e-2, *, dtype=torch.float64, layer=None, backend=None):
         """Q = eigenvectors of C0 (d_k, d_k) with eigenvalue < ``threshold`` (absolute), by eigh
-        in ``dtype``."""
+        in ``dtype``.
+
+        C0 must be a covariance: symmetric (eigh would read only its lower triangle) and
+        positive semidefinite up to rounding (a negative-definite C0 would make the whole space
+        "null" and preserve nothing); otherwise InputError / NotPositiveDefiniteError.
+        """
         check_float("C0", C0)
         check_square("C0", C0)
         if C0.dim() != 2:
             raise InputError(f"C0 must be one (d_k, d_k) covariance, got shape {tuple(C0.shape)}")
+        _check_threshold(threshold)
         check_finite("C0", C0)
+        check_symmetric("C0", C0)
         eigenvalues, vectors = torch.linalg.eigh(C0.to(dtype))
+        _check_semidefinite(eigenvalues, layer)
         Q = vectors[:, eigenvalues < threshold].contiguous()
         return cls(Q, eigenvalues, threshold, layer=layer, backend=backend)
+
+    @classmethod
+    def from_basis(cls, Q, eigenvalues, threshold: float, *, layer=None, backend=None):
+        """The null space from a basis computed before (e.g. cached beside the statistics):
+        ``Q`` (d_k, r) and all ``eigenvalues`` (d_k,) ascending, as :meth:`from_covariance`
+        made them for ``threshold``. Checks shapes, dtype, finiteness, semidefiniteness and that
+        r equals the number of eigenvalues below the threshold; Q's orthonormality is the
+        producer's (checking it costs as much as the solve it saves)."""
+        check_float("Q", Q)
+        check_float("eigenvalues", eigenvalues, min_dim=1)
+        _check_threshold(threshold)
+        if Q.dim() != 2 or eigenvalues.dim() != 1 or Q.shape[0] != eigenvalues.shape[0]:
+            raise InputError(f"Q must be (d_k, r) and eigenvalues (d_k,), got shapes {tuple(Q.shape)} and "
+                             f"{tuple(eigenvalues.shape)}")
+        check_same("eigenvalues", eigenvalues, "Q", Q)
+        check_finite("Q", Q)
+        check_finite("eigenvalues", eigenvalues)
+        if eigenvalues.numel() > 1 and bool((eigenvalues[1:] < eigenvalues[:-1]).any()):
+            raise InputError("eigenvalues must be in ascending order (as torch.linalg.eigh returns them)")
+        _check_semidefinite(eigenvalues, layer)
+        below = int((eigenvalues < threshold).sum())
+        if below != Q.shape[1]:
+            raise InputError(f"Q has {Q.shape[1]} columns but {below} eigenvalues are below the threshold "
+                             f"{threshold:g}; the basis was made for another threshold or covariance")
+        return cls(Q.contiguous(), eigenvalues, threshold, layer=layer, backend=backend)
 
     @property
     def d_k(self) -> int:
@@ -140,3 +173,26 @@ class NullSpace:
                                     name="Qᵀ C_p Q + α·I")
         T, Y = state.update_terms(Kr, R, method)
         return T.mT @ (self.Q @ Y).mT
+
+
+def _check_threshold(threshold) -> None:
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold >= 0:
+        raise InputError(f"threshold must be a float >= 0 (the null-space eigenvalue bound), got {threshold!r}")
+
+
+#: A covariance's eigenvalues may dip below zero by rounding: about √d_k · ε relative to the
+#: largest; this bound, far above that and far below any real negative eigenvalue, separates them.
+_PSD_RTOL = 1e-5
+
+
+def _check_semidefinite(eigenvalues: torch.Tensor, layer) -> None:
+    """NotPositiveDefiniteError when the smallest eigenvalue is negative beyond rounding."""
+    if eigenvalues.numel() == 0:
+        return
+    lo, top = float(eigenvalues.min()), float(eigenvalues.abs().max())
+    if lo < -_PSD_RTOL * eigenvalues.numel() ** 0.5 * top:
+        where = f" of layer {layer}" if layer is not None else ""
+        raise NotPositiveDefiniteError(
+            f"C0{where} is not positive semidefinite: its smallest eigenvalue is {lo:.3e} (largest magnitude "
+            f"{top:.3e}); a covariance E[k kᵀ] has none below zero. Check how C0 was computed (a sign flip, "
+            "a difference of covariances, or a damaged file)", layer=layer, min_pivot=lo)

@@ -19,6 +19,7 @@ from fastedit.linalg._checks import (
     check_rows,
     check_same,
     check_square,
+    check_symmetric,
 )
 from fastedit.linalg.cholesky import cholesky_apply_inverse, cholesky_factor, pivot_ratio
 from fastedit.linalg.woodbury import LowRankCholesky
@@ -101,6 +102,7 @@ class UpdateSolver:
         if dtype not in (torch.float32, torch.float64):
             raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         check_finite("C0", C0)
+        check_symmetric("C0", C0)
         C0 = C0.to(dtype)
         self.batch_shape = C0.shape[:-2]
         self.dtype = dtype

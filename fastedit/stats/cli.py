@@ -16,7 +16,7 @@ import torch
 from fastedit.loading import DTYPES, layer_list, load_model
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from fastedit.stats.collect import DEFAULT_CHECKPOINT_EVERY, DEFAULT_TOKEN_BUDGET
+    from fastedit.stats.collect import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_SECONDS, DEFAULT_TOKEN_BUDGET
 
     parser.add_argument("--model", required=True, help="Hugging Face model name or local directory")
     parser.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
@@ -34,6 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"padded tokens per forward batch (default {DEFAULT_TOKEN_BUDGET})")
     parser.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
                         help=f"batches between checkpoints (default {DEFAULT_CHECKPOINT_EVERY})")
+    parser.add_argument("--checkpoint-seconds", type=float, default=DEFAULT_CHECKPOINT_SECONDS,
+                        help=f"most seconds between checkpoints (default {DEFAULT_CHECKPOINT_SECONDS:g})")
     parser.add_argument("--cache-dir", default=None,
                         help="statistics cache (default $FASTEDIT_CACHE_DIR/stats or ~/.cache/fastedit/stats)")
     parser.add_argument("--rewrite", default=None,
@@ -83,6 +85,7 @@ def _collect(args) -> int:
     stats = collect_stats(model, tokenizer, args.layers, args.corpus, cache_dir=cache_dir, model_name=args.model,
                           revision=args.revision, max_length=args.max_length, token_budget=args.token_budget,
                           num_samples=args.num_samples, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                          checkpoint_seconds=args.checkpoint_seconds,
                           overwrite=args.overwrite, progress=not args.no_progress, rewrite=args.rewrite,
                           text_field=args.text_field, split=args.split)
     if rank == 0:

@@ -50,6 +50,12 @@ class Corpus:
         for i in indices:
             yield self[i]
 
+    def fingerprint(self, indices: Sequence[int]) -> str:
+        """What the statistics cache keys the corpus content by: here the SHA-256 of the
+        documents at ``indices`` (:func:`documents_digest`); subclasses use a cheaper identity
+        of the whole content where they have one."""
+        return "documents-sha256:" + documents_digest(self.documents(indices))
+
 
 class SequenceCorpus(Corpus):
     """Documents held by any object with ``len`` and integer indexing (list, HF dataset)."""
@@ -71,6 +77,13 @@ class SequenceCorpus(Corpus):
             doc = doc[self.text_field]
         return doc
 
+    def fingerprint(self, indices: Sequence[int]) -> str:
+        # A Hugging Face dataset's own fingerprint changes with its content and every transform.
+        own = getattr(self._docs, "_fingerprint", None)
+        if isinstance(own, str) and own:
+            return f"datasets-fingerprint:{own}:{self.text_field}"
+        return super().fingerprint(indices)
+
 
 class FileCorpus(Corpus):
     """A local text or JSONL file, one document per non-empty line, read on demand."""
@@ -84,18 +97,29 @@ class FileCorpus(Corpus):
         self.name = name or self.path.name
         offsets = array("q")
         pos = 0
+        content = hashlib.sha256()
         with open(self.path, "rb") as f:
             for line in f:
+                content.update(line)
                 if line.strip():
                     offsets.append(pos)
                 pos += len(line)
         self._offsets = offsets
+        self._sha256 = content.hexdigest()
+
+    def fingerprint(self, indices: Sequence[int]) -> str:
+        """The SHA-256 of the whole file (hashed while indexing its lines) and the text field."""
+        return f"file-sha256:{self._sha256}" + (f":{self.text_field}" if self.jsonl else "")
 
     def __len__(self) -> int:
         return len(self._offsets)
 
     def _decode(self, line: bytes, index: int):
-        text = line.decode("utf-8").rstrip("\r\n")
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{self.path}: document {index} (at byte {self._offsets[int(index)] + exc.start}) is "
+                             f"not UTF-8 text ({exc.reason}); convert the file to UTF-8, e.g. with iconv") from None
         if not self.jsonl:
             return text
         try:
@@ -106,7 +130,11 @@ class FileCorpus(Corpus):
         if not isinstance(record, dict) or self.text_field not in record:
             raise InputError(f"{self.path}: document {index} has no field {self.text_field!r}; pass "
                              "text_field= (--text-field) to name the field that holds the text")
-        return record[self.text_field]
+        text = record[self.text_field]
+        if not isinstance(text, str):
+            raise InputError(f"{self.path}: document {index} has a {type(text).__name__} in field "
+                             f"{self.text_field!r}, not text; fix the record or pass text_field= for the text field")
+        return text
 
     def __getitem__(self, index: int):
         with open(self.path, "rb") as f:
@@ -124,11 +152,27 @@ _END = object()
 
 
 class StreamCorpus:
-    """An iterable without a length: read once, in order, with no random selection."""
+    """An iterable without a length: read in order, with no random selection.
 
-    def __init__(self, docs: Iterable, name: str):
+    ``fingerprint`` (e.g. a streamed dataset's name, revision and split) keys the statistics
+    cache; without one the cache reads the documents twice (once to hash them), which needs an
+    iterable that starts afresh on each ``iter()`` (a list, a dataset), not a one-shot iterator.
+    """
+
+    def __init__(self, docs: Iterable, name: str, *, fingerprint: str | None = None):
         self._docs = docs
         self.name = name
+        self._fingerprint = fingerprint
+
+    def fingerprint(self, take: int | None) -> str:
+        """The cache key of the first ``take`` documents (None: all)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
+        if iter(self._docs) is self._docs:
+            raise InputError(f"the corpus {self.name!r} is a one-shot iterator: its content cannot be checked "
+                             "against the statistics cache without consuming it; pass a list, a file or a "
+                             "dataset, or collect without cache_dir")
+        return "documents-sha256:" + documents_digest(self.documents(0, take))
 
     def documents(self, skip: int = 0, take: int | None = None) -> Iterator:
         """Documents ``skip`` to ``take`` (exclusive; None: to the end) of a fresh iteration."""
@@ -181,6 +225,9 @@ def open_corpus(source, *, name: str | None = None, text_field: str = "text", sp
         if name:
             corpus.name = name
         return corpus
+    if isinstance(source, (dict, bytes, bytearray)):
+        raise InputError(f"corpus must be a file path, a dataset name or a sequence of documents, got a "
+                         f"{type(source).__name__} (for a dict of documents pass list(d.values()))")
     if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
         return SequenceCorpus(source, name or "python", text_field)
     if hasattr(source, "__iter__"):
@@ -210,3 +257,24 @@ def selection_digest(indices: Sequence[int]) -> str:
     if sys.byteorder != "little":
         data.byteswap()
     return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def documents_digest(docs: Iterable) -> str:
+    """SHA-256 of a sequence of documents: each a string (UTF-8) or token ids (int64), with its
+    kind and length, so no two different sequences hash alike by concatenation."""
+    h = hashlib.sha256()
+    for doc in docs:
+        if isinstance(doc, str):
+            data = doc.encode("utf-8", "surrogatepass")
+            h.update(b"s%d:" % len(data) + data)
+        else:
+            ids = doc.tolist() if isinstance(doc, torch.Tensor) else list(doc)
+            try:
+                data = array("q", ids)
+            except TypeError:
+                raise InputError(f"a document must be a string or a sequence of token ids, got "
+                                 f"{type(doc).__name__}") from None
+            if sys.byteorder != "little":
+                data.byteswap()
+            h.update(b"i%d:" % len(data) + data.tobytes())
+    return h.hexdigest()

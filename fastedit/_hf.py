@@ -1,0 +1,29 @@
+"""What fastedit reads from Hugging Face models and tokenizers, decided in one place.
+
+- :func:`context_length`: the longest sequence a model's config admits.
+- :func:`pad_id`: the id used to pad a batch (attention masks hide it, so any valid id works).
+"""
+from __future__ import annotations
+
+#: Config fields that state the context length, in the order they are trusted.
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+
+
+def context_length(model) -> int | None:
+    """The model's maximum sequence length from its config (the first of
+    :data:`CONTEXT_LENGTH_KEYS` that is a positive int), or None when it states none."""
+    cfg = getattr(model, "config", None)
+    for key in CONTEXT_LENGTH_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (also for ``tokenizer=None``)."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
