@@ -312,9 +312,13 @@ class ModelAdapter:
     def as_tokens(self, t: torch.Tensor, shape) -> torch.Tensor:
         """A rewrite module's hooked input or output as (batch, seq, width), ``shape`` = (batch,
         seq) of the forward pass: OPT feeds fc2 its tokens flattened to (batch·seq, width)."""
+        if t.ndim == 3:
+            return t
         if t.ndim == 2 and self.flat_tokens:
             return t.reshape(*shape, t.shape[-1])
-        return t
+        raise InputError(f"the rewrite module {self.layout.rewrite!r} sees a tensor of shape {tuple(t.shape)}, not "
+                         f"(batch, seq, width) for a batch of shape {tuple(shape)}; give a layout whose rewrite "
+                         "module takes its tokens as (batch, seq, width)")
 
     def post_mlp_norm(self, layer: int) -> nn.Module | None:
         """The norm between the rewrite module's output and the residual stream, or None."""

@@ -39,7 +39,7 @@ def context_length(model) -> int | None:
 
 
 @contextlib.contextmanager
-def _accumulate_inputs(modules: dict, accs: dict, mask_ref: list) -> None:
+def _accumulate_inputs(adapter, modules: dict, accs: dict, mask_ref: list) -> None:
     """Pre-hooks adding each module's first input to its accumulator with the current mask.
 
     Updating inside the forward (rather than capturing and updating after it) frees each
@@ -49,7 +49,8 @@ def _accumulate_inputs(modules: dict, accs: dict, mask_ref: list) -> None:
 
     def make(layer):
         def hook(module, args):
-            accs[layer].update(args[0], mask_ref[0])
+            mask = mask_ref[0]
+            accs[layer].update(adapter.as_tokens(args[0], mask.shape), mask.to(args[0].device))
         return hook
 
     try:
@@ -104,7 +105,7 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
                   revision: str | None = None, max_length: int | None = None,
                   token_budget: int = DEFAULT_TOKEN_BUDGET, num_samples: int | None = None, seed: int = 0,
                   checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, overwrite: bool = False,
-                  progress: bool = True, rewrite: str | None = None, text_field: str = "text", split: str = "train",
+                  progress: bool = True, rewrite: str | None = None, layout=None, text_field: str = "text", split: str = "train",
                   padding_side: str | None = None, backend: str | None = None,
                   on_batch: Callable[[int, int], None] | None = None) -> dict:
     """Collect Σ k kᵀ and the token count at the rewrite-module input of each layer in ``layers``.
@@ -116,9 +117,10 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
     device; the accumulator sums in float64.
 
     Args:
-        model: a Hugging Face causal LM (GPT-2, GPT-J, Llama/Mistral/Qwen2 detected;
-            otherwise pass ``rewrite``, the rewrite-module name template, e.g.
-            ``"model.layers.{}.mlp.down_proj"``).
+        model: a Hugging Face causal LM (the families of :data:`fastedit.models.LAYOUTS` are
+            detected; otherwise pass ``layout`` or ``rewrite``, the rewrite-module name template,
+            e.g. ``"model.layers.{}.mlp.down_proj"``). A model split over devices
+            (``device_map``) keeps each layer's statistics on that layer's weight device.
         tokenizer: its tokenizer (``padding_side`` is taken from it), or None when the corpus
             holds token ids.
         layers: layer indices (an int or an iterable of ints).
@@ -141,6 +143,8 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
             bit-identical to an uninterrupted one with the same ``checkpoint_every`` and
             ``token_budget``.
         overwrite: ignore (and replace) existing statistics and checkpoints.
+        layout: the module layout (:func:`fastedit.models.get_adapter`: a Layout, a dict, a JSON
+            file or ``"field=template,..."``), over the built-in one; ``rewrite`` over both.
         text_field, split: the text field of .jsonl/dataset records, and the dataset split.
         padding_side: "left" or "right" (default the tokenizer's); the result is the same.
         progress: show a tqdm bar (documents, ETA and tokens/s) on rank 0.
@@ -148,7 +152,7 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
         on_batch: called as ``on_batch(batches_done, documents_done)`` after each batch.
 
     Returns:
-        dict layer -> CovarianceAccumulator (on the model's device). Under torch.distributed
+        dict layer -> CovarianceAccumulator (on that layer's weight device). Under torch.distributed
         each rank reads its shard and every rank returns the all-reduced totals.
 
     Raises:
@@ -156,7 +160,7 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
         CacheMismatchError: a cache or checkpoint exists for a different request (the field
             is named); use another ``cache_dir`` or ``overwrite=True``.
     """
-    adapter = get_adapter(model, rewrite=rewrite) if rewrite else get_adapter(model)
+    adapter = get_adapter(model, layout, rewrite=rewrite)
     layers = _check_layers(adapter, layers)
     ctx = context_length(model)
     if max_length is None:
@@ -215,7 +219,7 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
             for l in layers:
                 path = cache.layer_path(directory, l)
                 if path.is_file():
-                    result[l] = cache.load_checked(path, layer_meta[l], device=device)
+                    result[l] = cache.load_checked(path, layer_meta[l], device=adapter.layer_device(l))
             todo = [l for l in layers if l not in result]
         if not todo:
             return {l: result[l] for l in layers}
@@ -229,7 +233,7 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
         if resumed is not None:
             accs, consumed = resumed
     if accs is None:
-        accs = {l: CovarianceAccumulator(adapter.d_k, device=device, backend=backend) for l in todo}
+        accs = {l: CovarianceAccumulator(adapter.d_k, device=adapter.layer_device(l), backend=backend) for l in todo}
 
     mine = None if streamed else distributed.shard(selection, rank, world_size)
     if streamed:
@@ -260,7 +264,7 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
     was_training = model.training
     model.eval()  # dropout off: the statistics are those of the deployed model
     try:
-        with torch.inference_mode(), _accumulate_inputs(modules, accs, mask_ref):
+        with torch.inference_mode(), _accumulate_inputs(adapter, modules, accs, mask_ref):
             for batch in batches:
                 ids = batch.input_ids.to(device, non_blocking=True)
                 mask = batch.attention_mask.to(device, non_blocking=True)
