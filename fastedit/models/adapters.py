@@ -73,9 +73,8 @@ LAYOUTS: dict[str, Layout] = {
     "gpt_neox": _layout("gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "gpt_neox.layers.{}"),
     "falcon": _layout("transformer.h.{}.mlp.dense_4h_to_h", "transformer.ln_f", "transformer.h.{}"),
     "opt": _layout("model.decoder.layers.{}.fc2", "model.decoder.final_layer_norm", "model.decoder.layers.{}"),
-    "phi": _layout("model.layers.{}.mlp.fc2", "model.final_layernorm", "model.layers.{}"),
 }
-for _name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "stablelm"):
+for _name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"):
     LAYOUTS[_name] = _layout("model.layers.{}.mlp.down_proj", "model.norm", "model.layers.{}")
 for _name in ("gemma2", "gemma3_text", "olmo2", "olmo3"):
     LAYOUTS[_name] = _layout("model.layers.{}.mlp.down_proj", "model.norm", "model.layers.{}",
