@@ -24,7 +24,7 @@ from fastedit.models.tiny import ARCHS
 from fastedit.stats import collect_stats
 
 FAMILIES = [a for a in ARCHS if a != "llama"]  # "llama" is test_models' model; llama2/llama3 cover it
-POST_NORM = {"gemma2", "gemma3_text", "olmo2"}
+POST_NORM = {"gemma2", "gemma3_text", "olmo2", "olmo3"}
 LAYER = 1
 REQUESTS = W.REQUESTS[:2]
 

@@ -33,6 +33,7 @@ _ARCHS = {
                     {**_DECODER, "head_dim": 12, "sliding_window": 16, "query_pre_attn_scalar": 12, **_IDS}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_DECODER, "original_max_position_embeddings": 128, **_IDS}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {**_DECODER, **_IDS}),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", {**_DECODER, "sliding_window": 16, **_IDS}),
     "falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
                                                         **_IDS)),
     "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=48, ffn_dim=112, num_hidden_layers=4,

@@ -84,8 +84,8 @@ def _collect(args) -> int:
     stats = collect_stats(model, tokenizer, args.layers, args.corpus, cache_dir=cache_dir, model_name=args.model,
                           revision=args.revision, max_length=args.max_length, token_budget=args.token_budget,
                           num_samples=args.num_samples, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                          overwrite=args.overwrite, progress=not args.no_progress, rewrite=args.rewrite, layout=args.layout,
-                          text_field=args.text_field, split=args.split)
+                          overwrite=args.overwrite, progress=not args.no_progress, rewrite=args.rewrite,
+                          layout=args.layout, text_field=args.text_field, split=args.split)
     if rank == 0:
         for layer, acc in stats.items():
             where = layer_path(stats_dir(cache_dir, args.model, acc.metadata["dataset"]), layer)

@@ -105,7 +105,8 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
                   revision: str | None = None, max_length: int | None = None,
                   token_budget: int = DEFAULT_TOKEN_BUDGET, num_samples: int | None = None, seed: int = 0,
                   checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, overwrite: bool = False,
-                  progress: bool = True, rewrite: str | None = None, layout=None, text_field: str = "text", split: str = "train",
+                  progress: bool = True, rewrite: str | None = None, layout=None, text_field: str = "text",
+                  split: str = "train",
                   padding_side: str | None = None, backend: str | None = None,
                   on_batch: Callable[[int, int], None] | None = None) -> dict:
     """Collect Σ k kᵀ and the token count at the rewrite-module input of each layer in ``layers``.
