@@ -111,21 +111,22 @@ def test_lm_head_and_embedding_come_from_the_models_accessors():
 def test_a_family_without_a_built_in_layout_takes_one(tmp_path):
     import json
 
-    from transformers import BloomConfig, BloomForCausalLM
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
     torch.manual_seed(0)
-    model = BloomForCausalLM(BloomConfig(vocab_size=97, hidden_size=32, n_layer=3, n_head=4)).eval()
-    with pytest.raises(InputError, match="no built-in layout for model_type 'bloom'"):
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(vocab_size=97, n_embd=32, n_layer=3, n_head=4,
+                                                   n_positions=64)).eval()
+    with pytest.raises(InputError, match="no built-in layout for model_type 'gpt_bigcode'"):
         get_adapter(model)
-    fields = {"rewrite": "transformer.h.{}.mlp.dense_4h_to_h", "final_norm": "transformer.ln_f"}
-    path = tmp_path / "bloom.json"
+    fields = {"rewrite": "transformer.h.{}.mlp.c_proj", "final_norm": "transformer.ln_f"}
+    path = tmp_path / "starcoder.json"
     path.write_text(json.dumps(fields))
     text = ",".join(f"{k}={v}" for k, v in fields.items())
     for layout in (fields, Layout(**fields), str(path), text):
         ad = get_adapter(model, layout)
         # block from the decoder layer list, head and embedding from the accessors
         assert (ad.layout.block, ad.layout.lm_head, ad.layout.embed) == ("transformer.h.{}", "lm_head",
-                                                                         "transformer.word_embeddings")
+                                                                         "transformer.wte")
         assert ad.num_layers == 3 and (ad.d, ad.d_k) == (32, 128)
     ids = torch.randint(0, 97, (2, 6))
     with capture({"last": ad.block(2)}) as out:
@@ -134,7 +135,7 @@ def test_a_family_without_a_built_in_layout_takes_one(tmp_path):
     with pytest.raises(InputError, match="unknown layout field"):
         get_adapter(model, {**fields, "rewrtie": "x"})
     with pytest.raises(InputError, match="field=template"):
-        get_adapter(model, "transformer.h.{}.mlp.dense_4h_to_h")
+        get_adapter(model, "transformer.h.{}.mlp.c_proj")
 
 
 def test_cli_layout_option_parses_through_the_shared_helper():
@@ -149,6 +150,14 @@ def test_cli_layout_option_parses_through_the_shared_helper():
     assert get_adapter(tiny_model("llama"), args.layout).d_k == 48
     with pytest.raises(SystemExit):
         parser.parse_args(["--layout", "nope=1"])
+    from fastedit.editing import cli as edit_cli
+    from fastedit.stats import cli as stats_cli
+
+    for module, required in ((edit_cli, ["--model", "m", "--requests", "r", "--out", "o"]),
+                             (stats_cli, ["--model", "m", "--layers", "1", "--corpus", "c"])):
+        parser = argparse.ArgumentParser()
+        module.configure(parser)
+        assert parser.parse_args([*required, "--layout", "final_norm=model.norm"]).layout == {"final_norm": "model.norm"}
 
 
 def _moe(kind):

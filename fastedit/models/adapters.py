@@ -72,9 +72,11 @@ LAYOUTS: dict[str, Layout] = {
     # The head is found through get_output_embeddings(): transformers 5 calls it lm_head, 4.x embed_out.
     "gpt_neox": _layout("gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "gpt_neox.layers.{}"),
     "falcon": _layout("transformer.h.{}.mlp.dense_4h_to_h", "transformer.ln_f", "transformer.h.{}"),
+    "bloom": _layout("transformer.h.{}.mlp.dense_4h_to_h", "transformer.ln_f", "transformer.h.{}"),
+    "phi": _layout("model.layers.{}.mlp.fc2", "model.final_layernorm", "model.layers.{}"),
     "opt": _layout("model.decoder.layers.{}.fc2", "model.decoder.final_layer_norm", "model.decoder.layers.{}"),
 }
-for _name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"):
+for _name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "stablelm"):
     LAYOUTS[_name] = _layout("model.layers.{}.mlp.down_proj", "model.norm", "model.layers.{}")
 for _name in ("gemma2", "gemma3_text", "olmo2", "olmo3"):
     LAYOUTS[_name] = _layout("model.layers.{}.mlp.down_proj", "model.norm", "model.layers.{}",
