@@ -25,6 +25,26 @@ def layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers such as 4,5,6; got {text!r}")
 
 
+def layout_arg(text: str) -> dict:
+    """argparse type for ``--layout``: a JSON file or ``field=template`` pairs separated by commas
+    (:func:`fastedit.models.adapters.load_layout`)."""
+    from fastedit.models.adapters import load_layout
+
+    try:
+        return load_layout(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def add_layout_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--layout`` option every subcommand that edits or reads a model's modules shares."""
+    parser.add_argument("--layout", type=layout_arg, default=None,
+                        help="module layout for a family without a built-in one, or to override it: a JSON file "
+                             "or comma-separated field=template pairs, e.g. "
+                             "rewrite=model.layers.{}.mlp.down_proj,final_norm=model.norm (fields: rewrite, "
+                             "final_norm, block, lm_head, embed, post_mlp_norm)")
+
+
 def default_device(device=None) -> torch.device:
     return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

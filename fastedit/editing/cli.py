@@ -17,7 +17,7 @@ import pathlib
 
 
 from fastedit.errors import InputError
-from fastedit.loading import DTYPES, layer_list, load_model
+from fastedit.loading import DTYPES, add_layout_argument, layer_list, load_model
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face model name or local directory")
@@ -42,6 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="load dtype (default bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_layout_argument(parser)
 
 
 def guess_preset(model_name: str) -> str | None:
@@ -100,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
 
         stats = collect_stats(model, tokenizer, list(edited_layers(args.strategy, hparams)), args.corpus,
                               cache_dir=args.cache_dir, model_name=args.model if args.cache_dir else None,
-                              num_samples=args.num_samples, progress=not args.no_progress)
+                              num_samples=args.num_samples, progress=not args.no_progress, layout=args.layout)
     editor = Editor(model, tokenizer, method=args.method, strategy=args.strategy, nas=args.nas,
                     regularizer=args.regularizer, hparams=hparams, stats=stats, progress=not args.no_progress,
-                    cache_dir=args.cache_dir)
+                    cache_dir=args.cache_dir, layout=args.layout)
     report = editor.edit(requests, batch_size=args.batch_size)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -138,11 +138,14 @@ class Editor:
         device: moves the model there first when given.
         progress: show a tqdm bar over the edits.
         cache_dir: where NAS anchors are cached on disk (memory only when None).
+        layout: the model's module layout, over the built-in one of its family (a
+            :class:`fastedit.models.Layout`, a dict, a JSON file or ``"field=template,..."``;
+            see :func:`fastedit.models.get_adapter`). Needed for families without a built-in one.
     """
 
     def __init__(self, model, tokenizer, method: str = "alphaedit", strategy: str = "distribute", nas: bool = False,
                  regularizer: str | None = None, hparams: EditParams | str | None = None, stats=None,
-                 layers=None, device=None, progress: bool = True, cache_dir=None):
+                 layers=None, device=None, progress: bool = True, cache_dir=None, layout=None):
         if method not in METHODS:
             raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         if strategy not in STRATEGIES:
@@ -166,7 +169,7 @@ class Editor:
         self.method, self.strategy, self.nas, self.regularizer = method, strategy, bool(nas), regularizer
         self.hparams = hparams
         self.progress = progress
-        self.adapter = get_adapter(model)
+        self.adapter = get_adapter(model, layout)
         self.edit_layers = edited_layers(strategy, hparams)
         if strategy == "blue" and len(set(self.edit_layers)) != len(self.edit_layers):
             raise InputError(f"BLUE edits its first and last critical layers, but both are layer {self.edit_layers[0]} "
@@ -202,7 +205,7 @@ class Editor:
         return context_length(self.model)
 
     def covariance(self, layer: int) -> torch.Tensor:
-        """C0 of ``layer`` (d_k, d_k), float64 on the model's device, from ``stats``."""
+        """C0 of ``layer`` (d_k, d_k), float64 on the layer's weight device, from ``stats``."""
         stats = self._stats
         if stats is None:
             raise InputError(f"{self.method} needs the covariance C0 of the rewrite-module inputs at layer {layer}: "
@@ -219,7 +222,7 @@ class Editor:
         else:
             raise InputError(f"stats must be a dict {{layer: C0}} or a statistics directory, got "
                              f"{type(stats).__name__}")
-        C0 = torch.as_tensor(C0).to(device=self.adapter.device, dtype=torch.float64)
+        C0 = torch.as_tensor(C0).to(device=self.adapter.layer_device(layer), dtype=torch.float64)
         d_k = self.adapter.d_k
         if C0.shape != (d_k, d_k):
             raise InputError(f"stats for layer {layer} has shape {tuple(C0.shape)}, expected ({d_k}, {d_k})")

@@ -32,7 +32,7 @@ def require_eval(model) -> None:
 
 
 @contextlib.contextmanager
-def _gather_lookup(reads: dict, batch: TokenBatch) -> Iterator[dict]:
+def _gather_lookup(adapter: ModelAdapter, reads: dict, batch: TokenBatch) -> Iterator[dict]:
     """reads: name -> (module, inputs?). Yields name -> (B, width) rows at each row's lookup."""
     store: dict = {}
     rows = torch.arange(len(batch), device=batch.lookup.device)
@@ -40,7 +40,7 @@ def _gather_lookup(reads: dict, batch: TokenBatch) -> Iterator[dict]:
 
     def make(name, use_input):
         def hook(mod, args, output):
-            t = args[0] if use_input else _hidden(output)
+            t = adapter.as_tokens(args[0] if use_input else _hidden(output), batch.input_ids.shape)
             store[name] = t[rows, batch.lookup].detach()
         return hook
 
@@ -62,7 +62,7 @@ def _read(model, tokenizer, adapter: ModelAdapter, texts: list[str], subjects: l
     for start in range(0, len(texts), step):
         batch = encode_prompts(tokenizer, texts[start:start + step], subjects[start:start + step],
                                padding_side=padding_side, device=adapter.device)
-        with torch.no_grad(), _gather_lookup(reads, batch) as got:
+        with torch.no_grad(), _gather_lookup(adapter, reads, batch) as got:
             forward_until(model, stop, **batch.inputs())
         for name in reads:
             out[name].append(got[name])

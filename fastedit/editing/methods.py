@@ -202,12 +202,15 @@ class BatchRun:
         (the rewrite module's output there where :meth:`value_space`)."""
         read = values_at_lookup if self.value_space(layer) else block_outputs_at_lookup
         cur = self._timed("residual", read, self.model, self.tok, self.adapter, self.kept_requests, layer)
-        return cur.to(torch.float64)
+        # On the device the targets z live on (the inputs'), whatever device this block is on.
+        return cur.to(device=self.adapter.device, dtype=torch.float64)
 
     def solve_and_apply(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> None:
-        """ΔW by this layer's solver (with RECT when asked), added to the layer's weight."""
-        dW = self._timed("solve", self.solvers[layer].solve, K, R)
+        """ΔW by this layer's solver (with RECT when asked), added to the layer's weight. Keys and
+        residuals move to the layer's weight device, where its solver state lives."""
         W = self.adapter.weight(layer)
+        K, R = K.to(W.device), R.to(W.device)
+        dW = self._timed("solve", self.solvers[layer].solve, K, R)
         info = {"n": int(K.shape[1]), "residual_norm": float(R.norm())}
         if self.regularizer == "rect":
             dW = self._timed("solve", rect, dW, W, self.hparams.rect_keep)

@@ -29,7 +29,10 @@ def capture(modules: dict, *, inputs: bool = False, detach: bool = True) -> Iter
     """Record the output (or the first positional input) of each named module on every forward.
 
     Yields a dict name -> tensor of the last forward (overwritten on each call). Block outputs
-    are unwrapped from their tuples.
+    are unwrapped from their tuples. With ``detach`` the tensor is a copy: some models change a
+    module's output in place after it returns (Falcon adds the attention output to its MLP
+    output with ``+=``), which would rewrite a mere view. Without it, the tensor itself (in
+    the autograd graph) is kept.
     """
     store: dict = {}
     handles = []
@@ -37,7 +40,7 @@ def capture(modules: dict, *, inputs: bool = False, detach: bool = True) -> Iter
     def make(name):
         def hook(mod, args, output):
             t = args[0] if inputs else _hidden(output)
-            store[name] = t.detach() if detach else t
+            store[name] = t.detach().clone() if detach else t
         return hook
 
     try:

@@ -7,28 +7,59 @@ from __future__ import annotations
 
 import torch
 
-_DEFAULTS = {
-    "gpt2": dict(n_embd=48, n_layer=4, n_head=4, n_inner=None, n_positions=128),
-    "gptj": dict(n_embd=48, n_layer=4, n_head=4, rotary_dim=8, n_positions=128),
-    "llama": dict(hidden_size=48, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128),
+_DECODER = dict(hidden_size=48, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+# Token ids inside the tiny vocabulary (pad 0, <s> 1, </s> 2, as tiny_tokenizer has them).
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# arch -> (config class, model class, defaults). The first three are the long-standing test
+# models; the others are one small member of each family fastedit supports.
+_ARCHS = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=48, n_layer=4, n_head=4, n_inner=None, n_positions=128)),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=48, n_layer=4, n_head=4, rotary_dim=8, n_positions=128)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _DECODER),
+    "llama2": ("LlamaConfig", "LlamaForCausalLM", {**_DECODER, "num_key_value_heads": 4, **_IDS}),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", {**_DECODER, "tie_word_embeddings": True, **_IDS}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 dict(hidden_size=48, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
+                      max_position_embeddings=128, **_IDS)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**_DECODER, "head_dim": 12, "sliding_window": 16, **_IDS}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {**_DECODER, **_IDS}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**_DECODER, "head_dim": 12, **_IDS}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**_DECODER, "head_dim": 12, **_IDS}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {**_DECODER, "head_dim": 12, "sliding_window": 16, "query_pre_attn_scalar": 12, **_IDS}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                    {**_DECODER, "head_dim": 12, "sliding_window": 16, "query_pre_attn_scalar": 12, **_IDS}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_DECODER, "original_max_position_embeddings": 128, **_IDS}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {**_DECODER, **_IDS}),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", {**_DECODER, "sliding_window": 16, **_IDS}),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {**_DECODER, **_IDS}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {**_DECODER, "partial_rotary_factor": 0.5, **_IDS}),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(hidden_size=48, intermediate_size=112, num_hidden_layers=4,
+                                                num_attention_heads=4, max_position_embeddings=128, **_IDS)),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=48, n_layer=4, n_head=4, **_IDS)),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
+                                                        **_IDS)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=48, ffn_dim=112, num_hidden_layers=4,
+                                                num_attention_heads=4, word_embed_proj_dim=48,
+                                                max_position_embeddings=128, **_IDS)),
 }
+#: Architectures :func:`tiny_model` builds.
+ARCHS = tuple(_ARCHS)
 
 
 def tiny_model(arch: str, *, vocab_size: int = 97, seed: int = 0, dtype=torch.float32, **overrides):
-    """A random ``{gpt2, gptj, llama}`` causal LM in eval mode (transformers is imported here)."""
+    """A random few-layer causal LM of ``arch`` (one of :data:`ARCHS`) in eval mode, built from a
+    config (transformers is imported here); ``overrides`` are config fields."""
     import transformers
 
-    if arch not in _DEFAULTS:
-        raise ValueError(f"arch must be one of {sorted(_DEFAULTS)}, got {arch!r}")
-    cfg_cls = {"gpt2": transformers.GPT2Config, "gptj": transformers.GPTJConfig,
-               "llama": transformers.LlamaConfig}[arch]
-    model_cls = {"gpt2": transformers.GPT2LMHeadModel, "gptj": transformers.GPTJForCausalLM,
-                 "llama": transformers.LlamaForCausalLM}[arch]
-    kwargs = {**_DEFAULTS[arch], "vocab_size": vocab_size, **overrides}
-    cfg = cfg_cls(**kwargs)
+    if arch not in _ARCHS:
+        raise ValueError(f"arch must be one of {sorted(_ARCHS)}, got {arch!r}")
+    cfg_name, model_name, defaults = _ARCHS[arch]
+    cfg = getattr(transformers, cfg_name)(**{**defaults, "vocab_size": vocab_size, **overrides})
     torch.manual_seed(seed)
-    return model_cls(cfg).to(dtype).eval()
+    return getattr(transformers, model_name)(cfg).to(dtype).eval()
 
 
 _TINY_CORPUS = (

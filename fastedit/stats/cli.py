@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from fastedit.loading import DTYPES, layer_list, load_model
+from fastedit.loading import DTYPES, add_layout_argument, layer_list, load_model
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from fastedit.stats.collect import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_SECONDS, DEFAULT_TOKEN_BUDGET
@@ -45,6 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true", help="recompute even if statistics are cached")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_layout_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +88,7 @@ def _collect(args) -> int:
                           num_samples=args.num_samples, seed=args.seed, checkpoint_every=args.checkpoint_every,
                           checkpoint_seconds=args.checkpoint_seconds,
                           overwrite=args.overwrite, progress=not args.no_progress, rewrite=args.rewrite,
-                          text_field=args.text_field, split=args.split)
+                          layout=args.layout, text_field=args.text_field, split=args.split)
     if rank == 0:
         for layer, acc in stats.items():
             where = layer_path(stats_dir(cache_dir, args.model, acc.metadata["dataset"]), layer)

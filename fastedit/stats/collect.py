@@ -34,7 +34,7 @@ DEFAULT_CHECKPOINT_SECONDS = 300.0
 
 
 @contextlib.contextmanager
-def _accumulate_inputs(modules: dict, accs: dict, mask_ref: list) -> None:
+def _accumulate_inputs(adapter, modules: dict, accs: dict, mask_ref: list) -> None:
     """Pre-hooks adding each module's first input to its accumulator with the current mask.
 
     Updating inside the forward (rather than capturing and updating after it) frees each
@@ -44,7 +44,8 @@ def _accumulate_inputs(modules: dict, accs: dict, mask_ref: list) -> None:
 
     def make(layer):
         def hook(module, args):
-            accs[layer].update(args[0], mask_ref[0])
+            mask = mask_ref[0]
+            accs[layer].update(adapter.as_tokens(args[0], mask.shape), mask.to(args[0].device))
         return hook
 
     try:
@@ -100,7 +101,8 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
                   token_budget: int = DEFAULT_TOKEN_BUDGET, num_samples: int | None = None, seed: int = 0,
                   checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                   checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS, overwrite: bool = False,
-                  progress: bool = True, rewrite: str | None = None, text_field: str = "text", split: str = "train",
+                  progress: bool = True, rewrite: str | None = None, layout=None, text_field: str = "text",
+                  split: str = "train",
                   padding_side: str | None = None, backend: str | None = None,
                   on_batch: Callable[[int, int], None] | None = None) -> dict:
     """Collect Σ k kᵀ and the token count at the rewrite-module input of each layer in ``layers``.
@@ -112,9 +114,10 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
     device; the accumulator sums in float64.
 
     Args:
-        model: a Hugging Face causal LM (GPT-2, GPT-J, Llama/Mistral/Qwen2 detected;
-            otherwise pass ``rewrite``, the rewrite-module name template, e.g.
-            ``"model.layers.{}.mlp.down_proj"``).
+        model: a Hugging Face causal LM (the families of :data:`fastedit.models.LAYOUTS` are
+            detected; otherwise pass ``layout`` or ``rewrite``, the rewrite-module name template,
+            e.g. ``"model.layers.{}.mlp.down_proj"``). A model split over devices
+            (``device_map``) keeps each layer's statistics on that layer's weight device.
         tokenizer: its tokenizer (``padding_side`` is taken from it), or None when the corpus
             holds token ids.
         layers: layer indices (an int or an iterable of ints).
@@ -140,6 +143,8 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
             bit-identical to an uninterrupted one with the same ``token_budget`` (batches never
             cut a document, so they are the same wherever the pass restarts).
         overwrite: ignore (and replace) existing statistics and checkpoints.
+        layout: the module layout (:func:`fastedit.models.get_adapter`: a Layout, a dict, a JSON
+            file or ``"field=template,..."``), over the built-in one; ``rewrite`` over both.
         text_field, split: the text field of .jsonl/dataset records, and the dataset split.
         padding_side: "left" or "right" (default the tokenizer's); the result is the same.
         progress: show a tqdm bar (documents, ETA and tokens/s) on rank 0.
@@ -147,7 +152,7 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
         on_batch: called as ``on_batch(batches_done, documents_done)`` after each batch.
 
     Returns:
-        dict layer -> CovarianceAccumulator (on the model's device). Under torch.distributed
+        dict layer -> CovarianceAccumulator (on that layer's weight device). Under torch.distributed
         each rank reads its shard and every rank returns the all-reduced totals.
 
     Raises:
@@ -155,7 +160,7 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
         CacheMismatchError: a cache or checkpoint exists for a different request (the field
             is named); use another ``cache_dir`` or ``overwrite=True``.
     """
-    adapter = get_adapter(model, rewrite=rewrite) if rewrite else get_adapter(model)
+    adapter = get_adapter(model, layout, rewrite=rewrite)
     layers = _check_layers(adapter, layers)
     max_length = _check_lengths(model, max_length, token_budget)
     _check_checkpointing(checkpoint_every, checkpoint_seconds)
@@ -175,7 +180,7 @@ def collect_stats(model, tokenizer, layers, corpus, *, cache_dir=None, model_nam
         _io.ensure_directory(directory, "the statistics cache directory")
         _io.remove_stale_temporaries(directory)
         if not overwrite:
-            result = _load_cached(directory, layers, layer_meta, adapter.device)
+            result = _load_cached(directory, layers, layer_meta, adapter)
             todo = [l for l in layers if l not in result]
         if not todo:
             return {l: result[l] for l in layers}
@@ -267,7 +272,7 @@ def _request(model, adapter, layers, source, selection, *, model_name, revision,
     return request, layer_meta
 
 
-def _load_cached(directory, layers, layer_meta, device) -> dict:
+def _load_cached(directory, layers, layer_meta, adapter) -> dict:
     """The layers already finished for this request; a file of an older format is recomputed."""
     found = {}
     for l in layers:
@@ -278,7 +283,7 @@ def _load_cached(directory, layers, layer_meta, device) -> dict:
             warnings.warn(f"{path} was written by another fastedit version (format {cache.file_format(path)!r}); "
                           "recomputing it", stacklevel=3)
             continue
-        found[l] = cache.load_checked(path, layer_meta[l], device=device)
+        found[l] = cache.load_checked(path, layer_meta[l], device=adapter.layer_device(l))
     return found
 
 
@@ -288,7 +293,7 @@ def _resume(checkpoint, todo, request, adapter, backend):
         resumed = checkpoint.load(todo, request, device=adapter.device, backend=backend)
         if resumed is not None:
             return resumed
-    return {l: CovarianceAccumulator(adapter.d_k, device=adapter.device, backend=backend) for l in todo}, 0
+    return {l: CovarianceAccumulator(adapter.d_k, device=adapter.layer_device(l), backend=backend) for l in todo}, 0
 
 
 def _shard(source, selection, consumed, num_samples, rank, world_size):
@@ -331,7 +336,7 @@ class _Pass:
         was_training = self.model.training
         self.model.eval()  # dropout off: the statistics are those of the deployed model
         try:
-            with torch.inference_mode(), _accumulate_inputs(self.modules, accs, mask_ref):
+            with torch.inference_mode(), _accumulate_inputs(self.adapter, self.modules, accs, mask_ref):
                 for batch in batches:
                     self._check_ids(batch)
                     ids = batch.input_ids.to(device, non_blocking=True)
