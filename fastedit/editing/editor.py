@@ -22,8 +22,8 @@ import torch
 
 from fastedit.editing.context import context_templates
 from fastedit.editing.hparams import EditParams
-from fastedit.editing.methods import (METHODS, REGULARIZERS, STRATEGIES, STRATEGY_FUNCS, BatchRun, edited_layers,
-                                      make_solver)
+from fastedit.editing.methods import (METHODS, REGULARIZERS, STRATEGIES, STRATEGY_FUNCS, BatchRun, anchor_layer,
+                                      edited_layers, make_solver)
 from fastedit.editing.nas import AnchorCache, anchor_key, choose_sample, estimate_anchor, weight_fingerprint
 from fastedit.editing.regularizers import prune_restrain
 from fastedit.editing.requests import Request, validate_requests
@@ -218,7 +218,7 @@ class Editor:
             if l not in self._solvers:
                 self._solvers[l] = make_solver(self.method, self.covariance(l), self.hparams, l)
         if self.nas:
-            anchor_layers = (self.hparams.layers[-1],) if self.strategy == "distribute" else self.edit_layers
+            anchor_layers = (anchor_layer(self.strategy, self.hparams),)
             sample = choose_sample(list(nas_requests) if nas_requests is not None else requests,
                                    self.hparams.nas_sample_size, self.hparams.nas_seed)
             for l in anchor_layers:

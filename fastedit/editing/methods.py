@@ -20,6 +20,14 @@ Strategies (sections 3 and 6):
 - ``blue``: z, K and the full residual z − cur at the first critical layer, apply; then the
   same at the last critical layer on the updated model. Only those two layers change.
 
+NAS (section 7) rescales v* only where a fact is written from scratch: the last critical layer
+of ``distribute`` (its one v*) and the first boundary layer of ``blue``. BLUE's second v* is
+optimised on the model that already holds the first layer's update, so its δ is a small
+correction; rescaling that v* = v0 + δ to an anchor measured on the unedited model would give
+the residual s·δ + (s − 1)·v0 with s = μ/‖v*‖ ≫ 1, writing a multiple of the subject's
+existing MLP output v0 into the weights. So the last boundary layer takes z = h_init + δ as is,
+and an edit is dropped (if at all) before any layer is written.
+
 Value post-processing ``nas`` and the weight-side ``rect`` hook in here; ``prune`` acts after a
 whole sequence and lives in the Editor. The MLP output adds straight into the residual stream,
 so ΔW K ≈ R, with R a residual-stream difference, is the write both references make.
@@ -111,6 +119,16 @@ def edited_layers(strategy: str, hparams) -> tuple:
     raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
 
 
+def anchor_layer(strategy: str, hparams) -> int:
+    """The one layer whose v* NAS anchors and rescales: where the strategy writes a fact from
+    scratch (the last critical layer for ``distribute``, the first boundary layer for ``blue``)."""
+    if strategy == "distribute":
+        return hparams.layers[-1]
+    if strategy == "blue":
+        return hparams.boundary_layers[0]
+    raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+
+
 class BatchRun:
     """One batch through a strategy: holds what the strategy needs and records what it did.
 
@@ -152,15 +170,20 @@ class BatchRun:
         return [self.requests[i] for i in self.kept]
 
     # -- steps
-    def targets(self, layer: int) -> torch.Tensor:
-        """z (n_kept, d) in float64 at ``layer`` for the kept requests; NAS may drop some."""
+    def targets(self, layer: int, *, anchor: bool = True) -> torch.Tensor:
+        """z (n_kept, d) in float64 at ``layer`` for the kept requests.
+
+        With NAS on and ``anchor``, z = (h_init − v0) + v*·μ/‖v*‖ and the edits with
+        ‖v*‖ > nas_max_ratio·μ are dropped; with ``anchor=False`` (BLUE's last boundary layer),
+        z = h_init + δ, unscaled.
+        """
         t = self._timed("targets", compute_targets, self.model, self.tok, self.adapter, self.kept_requests, layer,
                         templates=self.templates, hparams=self.vparams)
         rec = {"steps": _tolist(t.steps), "loss": _tolist(t.loss), "nll": _tolist(t.nll),
                "delta_norm": _tolist(t.delta.to(torch.float64).norm(dim=-1)), "requests": list(self.kept)}
         self.vstar[layer] = rec
         z = t.z.to(torch.float64)
-        if self.anchors is not None:
+        if self.anchors is not None and anchor:
             self.stage = "nas"
             a = apply_anchor(t.h_init, t.v0, t.delta, self.anchors[layer], self.hparams.nas_max_ratio)
             rec["v_norm"] = _tolist(a.v_norm)
@@ -221,11 +244,13 @@ def run_distribute(run: BatchRun) -> None:
 
 
 def run_blue(run: BatchRun) -> None:
-    """BLUE: full residuals at the first, then (on the updated model) the last critical layer."""
-    for layer in run.hparams.boundary_layers:
+    """BLUE: full residuals at the first, then (on the updated model) the last critical layer.
+
+    NAS acts on the first boundary layer's v* only (see the module docstring)."""
+    for i, layer in enumerate(run.hparams.boundary_layers):
         if not run.kept:
             return
-        z = run.targets(layer)
+        z = run.targets(layer, anchor=i == 0)
         if not run.kept:
             return
         K = run.keys(layer)

@@ -5,6 +5,14 @@ anchor μ of a (model, layer) is the mean ‖v*‖ over a sample of requests opt
 *unedited* model, trimmed at a quantile. An edit with ‖v*‖ > max_ratio·μ is dropped; the
 others get v* ← v*·μ/‖v*‖ and the residual-stream target z = (h_init − v0) + v*.
 
+Where: only at the layer where a strategy writes a fact from scratch, so one anchor per edit
+(:func:`fastedit.editing.methods.anchor_layer`): MEMIT's last critical layer for ``distribute``,
+the first boundary layer for BLUE. BLUE's last boundary layer optimises v* on the model that
+already holds the first layer's update; that v* = v0 + δ is the subject's current MLP output
+plus a small correction δ, and scaling it by s = μ/‖v*‖ (≫ 1 against an anchor of full facts)
+would make the residual s·δ + (s − 1)·v0, a multiple of v0 that has nothing to do with the fact.
+That layer's target stays z = h_init + δ.
+
 The reference draws 1000 CounterFact requests with seed 0 for the anchor. Here the caller
 passes the sample (``Editor.edit(..., nas_requests=...)``); without one the Editor uses the
 requests of its first batch. At most ``sample_size`` are used, chosen with ``seed``.
