@@ -194,3 +194,32 @@ def test_nas_does_not_raise_any_layers_update_on_the_testbed(one_thread):
     assert norms[True].keys() == norms[False].keys() == set(hp.boundary_layers)
     for l, plain in norms[False].items():
         assert norms[True][l] <= NAS_DELTA_SLACK * plain, (l, norms)
+
+
+@pytest.mark.parametrize("strategy", ["distribute", "blue"])
+def test_edited_means_some_weight_changed_for_it(one_thread, strategy):
+    """NAS decides at the anchor layer, before any layer is written: a dropped edit is in no
+    solve, every edited one is in every solve; when all are dropped no weight changes at all."""
+    tok = W.tokenizer()
+    model = W.model("gpt2")
+    hp = presets.get("tiny", method="memit", strategy=strategy).replace(nas_max_ratio=1.0)
+    stats = W.covariances(model, hp.layers)
+    ed = Editor(model, tok, method="memit", strategy=strategy, nas=True, hparams=hp, stats=stats, progress=False)
+    where = methods_mod.anchor_layer(strategy, hp)
+    b = ed.edit(W.REQUESTS, batch_size=len(W.REQUESTS)).batches[0]
+    dropped = [d["request"] for d in b.dropped]
+    assert dropped and b.edited and sorted(dropped + b.edited) == list(range(len(W.REQUESTS)))
+    assert {d["layer"] for d in b.dropped} == {where}
+    assert sorted(b.layers) == sorted(ed.edit_layers)
+    assert all(info["n"] == len(b.edited) and info["delta_norm"] > 0 for info in b.layers.values())
+    for layer, v in b.vstar.items():  # BLUE's second v* runs for the edited requests only
+        assert v["requests"] == (list(range(len(W.REQUESTS))) if layer == where else b.edited)
+    ed.restore()
+
+    before = {l: ed.adapter.weight_param(l).detach().clone() for l in ed.edit_layers}
+    ed = Editor(model, tok, method="memit", strategy=strategy, nas=True, hparams=hp.replace(nas_max_ratio=1e-3),
+                stats=stats, progress=False)
+    report = ed.edit(W.REQUESTS, batch_size=len(W.REQUESTS))
+    b = report.batches[0]
+    assert b.edited == [] and report.n_edited == 0 and len(b.dropped) == len(W.REQUESTS) and b.layers == {}
+    assert all(torch.equal(ed.adapter.weight_param(l), w) for l, w in before.items())

@@ -34,8 +34,10 @@ from fastedit.models import get_adapter
 @dataclass
 class BatchReport:
     """What one batch did. ``layers`` maps an edited layer to ‖ΔW‖, weight norms and the number
-    of keys; ``vstar`` maps a target layer to per-edit v* steps, losses and ‖δ‖; ``dropped`` lists
-    the edits NAS left out; ``times`` is seconds per stage (targets, keys, solve, apply, state)."""
+    of keys; ``vstar`` maps a target layer to per-edit v* steps, losses and ‖δ‖; ``edited`` lists
+    the requests some layer's (non-zero) ΔW was solved for; ``dropped`` the edits NAS left out,
+    before any layer was written, so never edited; ``times`` is seconds per stage (targets, keys,
+    solve, apply, state)."""
 
     index: int
     requests: list
@@ -348,7 +350,7 @@ class Editor:
                             request_index=index, stage=stage) from exc
         self.batches_done += 1
         return BatchReport(index=self.batches_done - 1, requests=list(range(start, stop)),
-                           case_ids=[r.case_id for r in batch], edited=[start + i for i in run.kept],
+                           case_ids=[r.case_id for r in batch], edited=[start + i for i in sorted(run.written)],
                            dropped=[{**d, "request": start + d["request"]} for d in run.dropped],
                            vstar={l: {**v, "requests": [start + i for i in v["requests"]]} for l, v in run.vstar.items()},
                            layers=run.layers, times=run.times, seconds=time.perf_counter() - t0)

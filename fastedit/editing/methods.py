@@ -134,6 +134,9 @@ class BatchRun:
 
     ``stage`` always names the step in progress, so a failure can say where it happened.
     ``kept`` are the positions (in ``requests``) still being edited: NAS may drop some.
+    ``written`` maps a position to the layers whose applied, non-zero ΔW was solved with its key
+    and residual: the report's "edited" are exactly these. NAS decides at the first v* a
+    strategy computes, before any layer is written, so a dropped edit is never in ``written``.
     """
 
     def __init__(self, *, model, tok, adapter, requests, templates, hparams, solvers: dict,
@@ -155,6 +158,7 @@ class BatchRun:
         self.dropped: list[dict] = []
         self.layers: dict[int, dict] = {}
         self.solved_keys: dict[int, torch.Tensor] = {}
+        self.written: dict[int, list[int]] = {}
 
     # -- bookkeeping
     def _timed(self, stage: str, fn, *args, **kwargs):
@@ -224,6 +228,9 @@ class BatchRun:
         W.add_(dW.to(device=W.device, dtype=W.dtype))
         info["w_norm_after"] = float(W.to(torch.float64).norm())
         info["delta_norm"] = float(dW.norm())
+        if info["delta_norm"] > 0:
+            for i in self.kept:
+                self.written.setdefault(i, []).append(layer)
         self.sync()
         self.times["apply"] = self.times.get("apply", 0.0) + time.perf_counter() - t0
         self.layers[layer] = info
