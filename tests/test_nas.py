@@ -223,3 +223,25 @@ def test_edited_means_some_weight_changed_for_it(one_thread, strategy):
     b = report.batches[0]
     assert b.edited == [] and report.n_edited == 0 and len(b.dropped) == len(W.REQUESTS) and b.layers == {}
     assert all(torch.equal(ed.adapter.weight_param(l), w) for l, w in before.items())
+
+
+def test_anchor_is_the_trimmed_mean_of_bare_prompt_vstar_norms(one_thread):
+    """As the NAS reference: the anchor's v* see the edit prompt alone, not the context templates."""
+    from fastedit.editing.nas import estimate_anchor
+    from fastedit.editing.targets import compute_targets
+    from fastedit.linalg import anchor_from_norms
+    from fastedit.models import get_adapter
+
+    tok = W.tokenizer()
+    model = W.model("llama")
+    ad = get_adapter(model)
+    hp = presets.get("tiny")
+    requests = W.REQUESTS + W.MORE_REQUESTS
+    mu, info = estimate_anchor(model, tok, ad, requests, 2, hparams=hp, batch_size=4)
+    t = compute_targets(model, tok, ad, requests, 2, templates=[["{}"]], hparams=hp.vstar_params())
+    norms = (t.v0.double() + t.delta.double()).norm(dim=-1)
+    assert mu == pytest.approx(anchor_from_norms(norms, hp.nas_trim_quantile), rel=1e-6)
+    assert info["n"] == len(requests) and info["norm_max"] == pytest.approx(float(norms.max()), rel=1e-6)
+    templated = compute_targets(model, tok, ad, requests, 2, templates=[["{}"], ["one two . {}", "the sun . {}"]],
+                                hparams=hp.vstar_params())
+    assert not torch.allclose(templated.delta, t.delta)  # the prompts matter, so the check has teeth
