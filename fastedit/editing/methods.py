@@ -215,7 +215,9 @@ class BatchRun:
         return cur.to(torch.float64)
 
     def solve_and_apply(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> None:
-        """ΔW by this layer's solver (with RECT when asked), added to the layer's weight."""
+        """ΔW by this layer's solver (with RECT when asked), added to the layer's weight.
+
+        RECT masks here, before the next layer is measured (see :mod:`fastedit.editing.regularizers`)."""
         dW = self._timed("solve", self.solvers[layer].solve, K, R)
         W = self.adapter.weight(layer)
         info = {"n": int(K.shape[1]), "residual_norm": float(R.norm())}
