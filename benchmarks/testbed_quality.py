@@ -30,7 +30,8 @@ NAMES = {("memit", "distribute"): "MEMIT", ("alphaedit", "distribute"): "AlphaEd
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def measure(arch: str, n: int, batch_size: int, eval_every: int, fluency_n: int, configs, log) -> list:
+def measure(arch: str, n: int, batch_size: int, eval_every: int, fluency_n: int, configs, log,
+            done=lambda rows: None) -> list:
     from fastedit import presets, testbed
     from fastedit.editing.editor import Editor
     from fastedit.editing.requests import load_records, requests_from_records
@@ -80,6 +81,7 @@ def measure(arch: str, n: int, batch_size: int, eval_every: int, fluency_n: int,
                "specificity": final["specificity"], "score": final["score"], "fluency": flu,
                "dropped": dropped, "edit_seconds": edit_s, "seconds": time.perf_counter() - t0, "curve": curve}
         out.append(row)
+        done(out)
         log(json.dumps({k: v for k, v in row.items() if k != "curve"}))
         editor.restore()
     return out
@@ -143,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
     ap.add_argument("--nas", choices=("both", "on", "off"), default="both",
                     help="run each method with and without NAS (both), or only one of them")
+    ap.add_argument("--only", nargs="+", choices=list(NAMES.values()), metavar="METHOD",
+                    help=f"measure only these of {', '.join(NAMES.values())}")
     ap.add_argument("--render", type=pathlib.Path, nargs="+", metavar="JSON",
                     help="measure nothing: write the table and plot from these testbed_quality.json files "
                          "(e.g. an --nas off and an --nas on run; a later file's row replaces an earlier one's)")
@@ -155,12 +159,16 @@ def main(argv=None) -> int:
         rows, header = [by_name[k] for k in order if k in by_name], runs[0]["header"]
     else:
         configs = [(m, s, nas) for m, s in CONFIGS for nas in {"both": (False, True), "on": (True,),
-                                                                "off": (False,)}[args.nas]]
+                                                                "off": (False,)}[args.nas]
+                   if args.only is None or NAMES[(m, s)] in args.only]
         log = lambda msg: print(time.strftime("%H:%M:%S"), msg, flush=True)
-        rows = measure(args.arch, args.n, args.batch_size, args.eval_every, args.fluency_n, configs, log)
         header = (f"Testbed {args.arch} (fastedit.testbed), {args.n} facts edited sequentially in batches of "
                   f"{args.batch_size}, preset testbed-{args.arch}; metrics on all edited facts, fluency on the "
                   f"first {args.fluency_n}.")
+        # written after every config, so a long run that is stopped keeps what it measured
+        save = lambda rows: (args.out / "testbed_quality.json").write_text(
+            json.dumps({"header": header, "rows": rows}, indent=1))
+        rows = measure(args.arch, args.n, args.batch_size, args.eval_every, args.fluency_n, configs, log, save)
     (args.out / "testbed_quality.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
     (args.out / "testbed_quality.md").write_text(table(rows, header))
     plot(rows, args.out / "testbed_nas.png", header)
