@@ -12,6 +12,9 @@ with MEMIT, AlphaEdit, MEMIT+BLUE and AlphaEdit+BLUE, each with and without NAS 
 - ``benchmarks/results/testbed_quality.md``: the table;
 - ``benchmarks/results/testbed_nas.png``: edited-weight norm growth and efficacy against the
   number of edits, with and without NAS (needs matplotlib, the optional [bench] extra).
+
+``--nas off`` / ``--nas on`` measure half of the configs each (two processes on two cores);
+``--render off.json on.json`` then writes the table and plot of both.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ NAMES = {("memit", "distribute"): "MEMIT", ("alphaedit", "distribute"): "AlphaEd
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def measure(arch: str, n: int, batch_size: int, eval_every: int, fluency_n: int, configs, log) -> list:
+def measure(arch: str, n: int, batch_size: int, eval_every: int, fluency_n: int, configs, log,
+            done=lambda rows: None) -> list:
     from fastedit import presets, testbed
     from fastedit.editing.editor import Editor
     from fastedit.editing.requests import load_records, requests_from_records
@@ -77,6 +81,7 @@ def measure(arch: str, n: int, batch_size: int, eval_every: int, fluency_n: int,
                "specificity": final["specificity"], "score": final["score"], "fluency": flu,
                "dropped": dropped, "edit_seconds": edit_s, "seconds": time.perf_counter() - t0, "curve": curve}
         out.append(row)
+        done(out)
         log(json.dumps({k: v for k, v in row.items() if k != "curve"}))
         editor.restore()
     return out
@@ -93,26 +98,41 @@ def table(rows: list, header: str) -> str:
 
 
 def plot(rows: list, path: pathlib.Path, title: str) -> None:
+    """Weight growth and efficacy against the number of edits: one colour per method, solid
+    without NAS, dashed with it, one legend for both panels. At 0 edits: ‖W‖/‖W0‖ = 1 for every
+    curve, and the unedited model's efficacy on all the facts (a black mark: "the edits so far"
+    are none, so the efficacy curves themselves start at the first batch)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_w, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
+    base = next((r for r in rows if r["config"] == "unedited"), None)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (ax_w, ax_e) = plt.subplots(1, 2, figsize=(11, 4.4))
     for r in rows:
         if not r.get("curve"):
             continue
-        x = [c["edits"] for c in r["curve"]]
-        style = "-" if r["nas"] else "--"
-        growth = [max(c["weight_growth"].values()) for c in r["curve"]]
-        ax_w.plot(x, growth, style, marker="o", label=r["config"])
-        ax_e.plot(x, [c["efficacy"] for c in r["curve"]], style, marker="o", label=r["config"])
-    ax_w.set(xlabel="edits", ylabel="‖W‖ / ‖W0‖ (largest edited layer)", title="edited-weight norm")
-    ax_e.set(xlabel="edits", ylabel="efficacy on the edits so far (%)", title="efficacy")
-    ax_e.legend(fontsize=7)
+        colour = colours[CONFIGS.index((r["method"], r["strategy"])) % len(colours)]
+        style = dict(color=colour, linestyle="--" if r["nas"] else "-", marker="o", markersize=3, label=r["config"])
+        x = [0] + [c["edits"] for c in r["curve"]]
+        ax_w.plot(x, [1.0] + [max(c["weight_growth"].values()) for c in r["curve"]], **style)
+        ax_e.plot(x[1:], [c["efficacy"] for c in r["curve"]], **style)
+    if base is not None:
+        ax_w.plot([0], [1.0], "k*", markersize=9, label="unedited model (0 edits)")
+        ax_e.plot([0], [base["efficacy"]], "k*", markersize=9, clip_on=False)
+    ax_w.set(xlabel="edits", ylabel="‖W‖ / ‖W0‖ (most-grown edited layer)", title="edited-weight norm")
+    ax_e.set(xlabel="edits", ylabel="efficacy on the edits so far (%)", title="efficacy", ylim=(0, 102))
+    ax_w.set_ylim(bottom=0)
+    for ax in (ax_w, ax_e):
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+    handles, labels = ax_w.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -123,14 +143,32 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=1, help="evaluate efficacy every this many batches")
     ap.add_argument("--fluency-n", type=int, default=20, help="facts whose generations measure fluency")
     ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    ap.add_argument("--nas", choices=("both", "on", "off"), default="both",
+                    help="run each method with and without NAS (both), or only one of them")
+    ap.add_argument("--only", nargs="+", choices=list(NAMES.values()), metavar="METHOD",
+                    help=f"measure only these of {', '.join(NAMES.values())}")
+    ap.add_argument("--render", type=pathlib.Path, nargs="+", metavar="JSON",
+                    help="measure nothing: write the table and plot from these testbed_quality.json files "
+                         "(e.g. an --nas off and an --nas on run; a later file's row replaces an earlier one's)")
     args = ap.parse_args(argv)
-    configs = [(m, s, nas) for m, s in CONFIGS for nas in (False, True)]
     args.out.mkdir(parents=True, exist_ok=True)
-    log = lambda msg: print(time.strftime("%H:%M:%S"), msg, flush=True)
-    rows = measure(args.arch, args.n, args.batch_size, args.eval_every, args.fluency_n, configs, log)
-    header = (f"Testbed {args.arch} (fastedit.testbed), {args.n} facts edited sequentially in batches of "
-              f"{args.batch_size}, preset testbed-{args.arch}; metrics on all edited facts, fluency on the "
-              f"first {args.fluency_n}.")
+    if args.render:
+        runs = [json.loads(f.read_text()) for f in args.render]
+        by_name = {r["config"]: r for run in runs for r in run["rows"]}
+        order = ["unedited"] + [NAMES[c] + suffix for c in CONFIGS for suffix in ("", " + NAS")]
+        rows, header = [by_name[k] for k in order if k in by_name], runs[0]["header"]
+    else:
+        configs = [(m, s, nas) for m, s in CONFIGS for nas in {"both": (False, True), "on": (True,),
+                                                                "off": (False,)}[args.nas]
+                   if args.only is None or NAMES[(m, s)] in args.only]
+        log = lambda msg: print(time.strftime("%H:%M:%S"), msg, flush=True)
+        header = (f"Testbed {args.arch} (fastedit.testbed), {args.n} facts edited sequentially in batches of "
+                  f"{args.batch_size}, preset testbed-{args.arch}; metrics on all edited facts, fluency on the "
+                  f"first {args.fluency_n}.")
+        # written after every config, so a long run that is stopped keeps what it measured
+        save = lambda rows: (args.out / "testbed_quality.json").write_text(
+            json.dumps({"header": header, "rows": rows}, indent=1))
+        rows = measure(args.arch, args.n, args.batch_size, args.eval_every, args.fluency_n, configs, log, save)
     (args.out / "testbed_quality.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
     (args.out / "testbed_quality.md").write_text(table(rows, header))
     plot(rows, args.out / "testbed_nas.png", header)

@@ -140,15 +140,19 @@ def test_clamp_norm_scalar_radius_zero_rows_and_gradients(gen):
         clamp_norm(delta, torch.ones(3))
 
 
-def test_anchor_from_norms_is_the_trimmed_mean(gen):
-    norms = torch.rand(1000, generator=gen, dtype=torch.float64) * 10
-    cut = np.percentile(norms.numpy(), 95)
-    expected = norms.numpy()[norms.numpy() <= cut].mean()
-    assert anchor_from_norms(norms) == pytest.approx(expected, rel=1e-12)
-    # the trimmed 5% is where outliers go: one huge norm does not move the anchor
-    with_outlier = norms.clone()
-    with_outlier[0] = 1e9
-    assert anchor_from_norms(with_outlier) < 10
+@pytest.mark.parametrize("m", [1000, 37, 19, 20, 1])
+def test_anchor_from_norms_is_the_trimmed_mean(gen, m):
+    # the NAS reference: drop the floor(0.05·m) largest norms, average the rest
+    norms = torch.rand(m, generator=gen, dtype=torch.float64) * 10
+    ranked = np.sort(norms.numpy())
+    assert anchor_from_norms(norms) == pytest.approx(ranked[:m - int(0.05 * m)].mean(), rel=1e-12)
+    assert anchor_from_norms(norms, trim_quantile=0.9) == pytest.approx(ranked[:m - int(round(0.1 * m, 9))].mean(),
+                                                                       rel=1e-12)
+    assert anchor_from_norms(norms, trim_quantile=1.0) == pytest.approx(ranked.mean(), rel=1e-12)
+    if m >= 20:  # the trimmed 5% is where outliers go: one huge norm does not move the anchor
+        with_outlier = norms.clone()
+        with_outlier[0] = 1e9
+        assert anchor_from_norms(with_outlier) < 10
     assert anchor_from_norms([3.0]) == 3.0
     for bad in ([], [1.0, float("nan")], [[1.0]]):
         with pytest.raises(InputError):

@@ -90,3 +90,40 @@ def test_prune_writes_w0_plus_the_restrained_total_update():
     pruned.restore()
     for layer in pruned.edit_layers:
         assert torch.equal(pruned.adapter.weight_param(layer), pruned._originals[layer])
+
+
+@pytest.mark.parametrize("strategy", ["distribute", "blue"])
+def test_rect_masks_each_layer_before_the_next_is_measured(monkeypatch, strategy):
+    """fastedit masks as it goes (the reference masks every layer at the end, from unmasked
+    updates): each later layer's residual is measured on the model holding the masked updates."""
+    import _editing_world as W
+    from fastedit import presets
+    from fastedit.editing import Editor
+    from fastedit.editing import methods as methods_mod
+
+    tok, model = W.tokenizer(), W.model("llama", dtype=torch.float64)
+    hp = presets.get("tiny", method="memit", strategy=strategy).replace(layers=(0, 1, 2))
+    ed = Editor(model, tok, method="memit", strategy=strategy, hparams=hp, regularizer="rect",
+                stats=W.covariances(model, hp.layers), progress=False)
+    solved, seen = {}, []
+    real_apply, real_current = methods_mod.BatchRun.solve_and_apply, methods_mod.BatchRun.current
+
+    def spy_apply(self, layer, K, R):
+        solved[layer] = (self.solvers[layer].solve(K, R), self.adapter.weight(layer).clone())
+        return real_apply(self, layer, K, R)
+
+    def spy_current(self, layer):
+        seen.append({l: self.adapter.weight(l).clone() for l in solved})
+        return real_current(self, layer)
+
+    monkeypatch.setattr(methods_mod.BatchRun, "solve_and_apply", spy_apply)
+    monkeypatch.setattr(methods_mod.BatchRun, "current", spy_current)
+    ed.edit(W.REQUESTS, batch_size=len(W.REQUESTS))
+    layers = list(ed.edit_layers)
+    assert len(seen) == len(layers) and list(solved) == layers
+    for i, weights in enumerate(seen):
+        assert list(weights) == layers[:i]  # the residual of layer i is measured after layers < i
+        for l, w in weights.items():
+            dW, w_before = solved[l]
+            assert_close(w, w_before + rect(dW, w_before, hp.rect_keep), 1e-12, f"layer {l} when measuring")
+            assert (w - (w_before + dW)).norm() > 0.1 * dW.norm()  # the mask did remove a part

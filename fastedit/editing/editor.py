@@ -31,8 +31,8 @@ import torch
 from fastedit._hf import context_length
 from fastedit.editing.context import context_templates, flatten
 from fastedit.editing.hparams import EditParams
-from fastedit.editing.methods import (METHODS, REGULARIZERS, STRATEGIES, STRATEGY_FUNCS, BatchRun, edited_layers,
-                                      make_solver)
+from fastedit.editing.methods import (METHODS, REGULARIZERS, STRATEGIES, STRATEGY_FUNCS, BatchRun, anchor_layer,
+                                      edited_layers, make_solver)
 from fastedit.editing.nas import AnchorCache, anchor_key, choose_sample, estimate_anchor, weight_fingerprint
 from fastedit.editing.regularizers import prune_restrain
 from fastedit.editing.requests import Request, check_context_fit, validate_requests
@@ -44,8 +44,10 @@ from fastedit.stats import cache as stats_cache
 @dataclass
 class BatchReport:
     """What one batch did. ``layers`` maps an edited layer to ‖ΔW‖, weight norms and the number
-    of keys; ``vstar`` maps a target layer to per-edit v* steps, losses and ‖δ‖; ``dropped`` lists
-    the edits NAS left out; ``times`` is seconds per stage (targets, keys, solve, apply, state)."""
+    of keys; ``vstar`` maps a target layer to per-edit v* steps, losses and ‖δ‖; ``edited`` lists
+    the requests some layer's (non-zero) ΔW was solved for; ``dropped`` the edits NAS left out,
+    before any layer was written, so never edited; ``times`` is seconds per stage (targets, keys,
+    solve, apply, state)."""
 
     index: int
     requests: list
@@ -252,7 +254,7 @@ class Editor:
             if l not in self._solvers:
                 self._solvers[l] = self._solver(l)
         if self.nas:
-            anchor_layers = (self.hparams.layers[-1],) if self.strategy == "distribute" else self.edit_layers
+            anchor_layers = (anchor_layer(self.strategy, self.hparams),)
             sample = choose_sample(list(nas_requests) if nas_requests is not None else requests,
                                    self.hparams.nas_sample_size, self.hparams.nas_seed)
             for l in anchor_layers:
@@ -265,8 +267,7 @@ class Editor:
                     if self.batches_done:
                         raise InputError(f"NAS needs the anchor of layer {l}, which must be estimated on the "
                                          "unedited model; call restore() first or use a new Editor")
-                    mu, info = estimate_anchor(self.model, self.tok, self.adapter, sample, l,
-                                               templates=self._templates, hparams=self.hparams)
+                    mu, info = estimate_anchor(self.model, self.tok, self.adapter, sample, l, hparams=self.hparams)
                     entry = {"mu": mu, "layer": l, "model": fp, **info}
                     self._anchor_cache.put(key, entry)
                 self._anchors[l] = float(entry["mu"])
@@ -405,7 +406,7 @@ class Editor:
             call.accumulated.extend(accumulated)
         self.batches_done += 1
         return BatchReport(index=self.batches_done - 1, requests=list(range(start, stop)),
-                           case_ids=[r.case_id for r in batch], edited=[start + i for i in run.kept],
+                           case_ids=[r.case_id for r in batch], edited=[start + i for i in sorted(run.written)],
                            dropped=[{**d, "request": start + d["request"]} for d in run.dropped],
                            vstar={l: {**v, "requests": [start + i for i in v["requests"]]} for l, v in run.vstar.items()},
                            layers=run.layers, times=run.times, seconds=time.perf_counter() - t0)

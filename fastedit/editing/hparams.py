@@ -31,7 +31,7 @@ class EditParams:
         rect_keep: fraction of ΔW entries RECT keeps (largest relative change).
         nas_max_ratio: NAS drops an edit whose ‖v*‖ exceeds nas_max_ratio · μ_anchor.
         nas_sample_size: number of requests whose ‖v*‖ on the unedited model set the anchor.
-        nas_trim_quantile: norms above this quantile are left out of the anchor's mean.
+        nas_trim_quantile: the anchor's mean leaves out the ⌊(1 − nas_trim_quantile)·m⌋ largest of m norms.
         nas_seed: seed of the random choice of the anchor sample when more are given.
         context_n, context_length: number and token length of generated context prefixes.
     """

@@ -20,6 +20,14 @@ Strategies (sections 3 and 6):
 - ``blue``: z, K and the full residual z − cur at the first critical layer, apply; then the
   same at the last critical layer on the updated model. Only those two layers change.
 
+NAS (section 7) rescales v* only where a fact is written from scratch: the last critical layer
+of ``distribute`` (its one v*) and the first boundary layer of ``blue``. BLUE's second v* is
+optimised on the model that already holds the first layer's update, so its δ is a small
+correction; rescaling that v* = v0 + δ to an anchor measured on the unedited model would give
+the residual s·δ + (s − 1)·v0 with s = μ/‖v*‖ ≫ 1, writing a multiple of the subject's
+existing MLP output v0 into the weights. So the last boundary layer takes z = h_init + δ as is,
+and an edit is dropped (if at all) before any layer is written.
+
 Value post-processing ``nas`` and the weight-side ``rect`` hook in here; ``prune`` acts after a
 whole sequence and lives in the Editor. The MLP output adds straight into the residual stream,
 so ΔW K ≈ R, with R a residual-stream difference, is the write both references make.
@@ -118,11 +126,24 @@ def edited_layers(strategy: str, hparams) -> tuple:
     raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
 
 
+def anchor_layer(strategy: str, hparams) -> int:
+    """The one layer whose v* NAS anchors and rescales: where the strategy writes a fact from
+    scratch (the last critical layer for ``distribute``, the first boundary layer for ``blue``)."""
+    if strategy == "distribute":
+        return hparams.layers[-1]
+    if strategy == "blue":
+        return hparams.boundary_layers[0]
+    raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+
+
 class BatchRun:
     """One batch through a strategy: holds what the strategy needs and records what it did.
 
     ``stage`` always names the step in progress, so a failure can say where it happened.
     ``kept`` are the positions (in ``requests``) still being edited: NAS may drop some.
+    ``written`` maps a position to the layers whose applied, non-zero ΔW was solved with its key
+    and residual: the report's "edited" are exactly these. NAS decides at the first v* a
+    strategy computes, before any layer is written, so a dropped edit is never in ``written``.
     """
 
     def __init__(self, *, model, tok, adapter, requests, templates, hparams, solvers: dict,
@@ -144,6 +165,7 @@ class BatchRun:
         self.dropped: list[dict] = []
         self.layers: dict[int, dict] = {}
         self.solved_keys: dict[int, torch.Tensor] = {}
+        self.written: dict[int, list[int]] = {}
 
     # -- bookkeeping
     def _timed(self, stage: str, fn, *args, **kwargs):
@@ -164,9 +186,14 @@ class BatchRun:
         (a post-MLP norm sits between it and the residual stream) instead of the block's."""
         return self.adapter.post_mlp_norm(layer) is not None
 
-    def targets(self, layer: int) -> torch.Tensor:
+    def targets(self, layer: int, *, anchor: bool = True) -> torch.Tensor:
         """z (n_kept, d) in float64 at ``layer`` for the kept requests (v* = v0 + δ where
-        :meth:`value_space`); NAS may drop some."""
+        :meth:`value_space`).
+
+        With NAS on and ``anchor``, z = (h_init − v0) + v*·μ/‖v*‖ and the edits with
+        ‖v*‖ > nas_max_ratio·μ are dropped; with ``anchor=False`` (BLUE's last boundary layer),
+        z = h_init + δ, unscaled.
+        """
         t = self._timed("targets", compute_targets, self.model, self.tok, self.adapter, self.kept_requests, layer,
                         templates=self.templates, hparams=self.vparams)
         rec = {"steps": _tolist(t.steps), "loss": _tolist(t.loss), "nll": _tolist(t.nll),
@@ -174,7 +201,7 @@ class BatchRun:
         self.vstar[layer] = rec
         values = self.value_space(layer)
         z = (t.v0.to(torch.float64) + t.delta.to(torch.float64)) if values else t.z.to(torch.float64)
-        if self.anchors is not None:
+        if self.anchors is not None and anchor:
             self.stage = "nas"
             # In the value space the target is the rescaled v* itself: h_init − v0 drops out.
             a = apply_anchor(t.v0 if values else t.h_init, t.v0, t.delta, self.anchors[layer],
@@ -207,7 +234,9 @@ class BatchRun:
 
     def solve_and_apply(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> None:
         """ΔW by this layer's solver (with RECT when asked), added to the layer's weight. Keys and
-        residuals move to the layer's weight device, where its solver state lives."""
+        residuals move to the layer's weight device, where its solver state lives.
+
+        RECT masks here, before the next layer is measured (see :mod:`fastedit.editing.regularizers`)."""
         W = self.adapter.weight(layer)
         K, R = K.to(W.device), R.to(W.device)
         dW = self._timed("solve", self.solvers[layer].solve, K, R)
@@ -221,6 +250,9 @@ class BatchRun:
         W.add_(dW.to(device=W.device, dtype=W.dtype))
         info["w_norm_after"] = float(W.to(torch.float64).norm())
         info["delta_norm"] = float(dW.norm())
+        if info["delta_norm"] > 0:
+            for i in self.kept:
+                self.written.setdefault(i, []).append(layer)
         self.sync()
         self.times["apply"] = self.times.get("apply", 0.0) + time.perf_counter() - t0
         self.layers[layer] = info
@@ -241,11 +273,13 @@ def run_distribute(run: BatchRun) -> None:
 
 
 def run_blue(run: BatchRun) -> None:
-    """BLUE: full residuals at the first, then (on the updated model) the last critical layer."""
-    for layer in run.hparams.boundary_layers:
+    """BLUE: full residuals at the first, then (on the updated model) the last critical layer.
+
+    NAS acts on the first boundary layer's v* only (see the module docstring)."""
+    for i, layer in enumerate(run.hparams.boundary_layers):
         if not run.kept:
             return
-        z = run.targets(layer)
+        z = run.targets(layer, anchor=i == 0)
         if not run.kept:
             return
         K = run.keys(layer)

@@ -1,6 +1,13 @@
 """Weight-side regularisers of an edit (ALGORITHMS.md section 8): RECT and PRUNE.
 
 Both work on W of shape (d, d_k) as :class:`fastedit.models.ModelAdapter.weight` gives it.
+
+RECT over several layers: the reference computes every layer's update with the unmasked
+updates of the layers before it in place and masks them all at the end. fastedit masks each
+layer's ΔW before applying it (:meth:`fastedit.editing.methods.BatchRun.solve_and_apply`), so
+every later measurement (keys, MEMIT's z − cur, BLUE's second v*) sees the model as it will
+be, and later layers make up for what the mask took from earlier ones. Masking at the end
+writes a combination of updates that was never measured together.
 """
 from __future__ import annotations
 

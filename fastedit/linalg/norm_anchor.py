@@ -143,11 +143,15 @@ def clamp_norm(delta: torch.Tensor, radius, *, backend: str | None = None) -> to
 
 
 def anchor_from_norms(norms, trim_quantile: float = 0.95) -> float:
-    """The NAS anchor μ: the mean of the norms at or below their ``trim_quantile`` quantile
-    (linear interpolation), i.e. mean ‖v*‖ trimmed at the 95th percentile by default.
+    """The NAS anchor μ: the mean of the norms after dropping the k = ⌊(1 − trim_quantile)·m⌋
+    largest, i.e. by default the reference's mean ‖v*‖ without its ⌊0.05·m⌋ largest norms.
+
+    (A quantile cut, "mean of the norms ≤ the 95th percentile", drops one more whenever
+    0.05·(m − 1) is not an integer; this matches the reference instead.)
 
     Args:
         norms: (m,) ‖v*‖ over a sample of edit requests on the unedited model (m ≥ 1).
+        trim_quantile: the share of the sample kept, in (0, 1]; at least one norm is kept.
     """
     norms = torch.as_tensor(norms).detach().to(torch.float64).cpu()
     if norms.ndim != 1 or norms.numel() == 0:
@@ -156,5 +160,7 @@ def anchor_from_norms(norms, trim_quantile: float = 0.95) -> float:
         raise InputError("norms must be finite and >= 0")
     if not 0 < trim_quantile <= 1:
         raise InputError(f"trim_quantile must be in (0, 1], got {trim_quantile}")
-    cut = torch.quantile(norms, trim_quantile)
-    return float(norms[norms <= cut].mean())
+    m = norms.numel()
+    # rounded first so that e.g. (1 − 0.9)·10 = 0.9999999999999998 counts as 1
+    k = min(math.floor(round((1 - trim_quantile) * m, 9)), m - 1)
+    return float(norms.sort().values[:m - k].mean())
