@@ -27,6 +27,7 @@ def few_facts(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(testbed, "records", lambda n=None, *a, **k: real(min(n or N_FACTS, N_FACTS), *a, **k))
     monkeypatch.setenv("FASTEDIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fastedit-cache"))
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CLI picks on a busy machine; the test's time does not hang on the load
     yield
     torch.set_num_threads(threads)  # the CLI sets them; later tests get theirs back
 
