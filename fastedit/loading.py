@@ -2,7 +2,9 @@
 
 ``load_model("testbed")`` / ``"testbed:gpt2"`` gives the bundled testbed model; anything else
 goes to Hugging Face ``from_pretrained`` (a local directory, or a hub name when the network
-allows). The default dtype is bfloat16 on CUDA and float32 on CPU.
+allows). The default dtype is bfloat16 on CUDA and float32 on CPU. Also here: ``--corpus
+testbed``, the checks of ``--model`` / ``--corpus`` that run before a model loads, and the CPU
+thread count every subcommand sets (:func:`set_threads`).
 """
 from __future__ import annotations
 
@@ -103,7 +105,7 @@ def check_corpus(corpus: str) -> None:
         raise InputError(f"--corpus {corpus!r} is a directory; pass one .txt or .jsonl file")
     if path.is_file():
         return
-    if path.suffix.lower() in (".txt", ".jsonl", ".json", ".ndjson") or "/" in corpus.partition(":")[0]:
+    if path.suffix.lower() in (".txt", ".jsonl", ".json", ".ndjson"):
         raise InputError(f"--corpus file {corpus!r} does not exist")
     if importlib.util.find_spec("datasets") is None:
         raise InputError(f"--corpus {corpus!r} is a Hugging Face dataset name, which needs the optional package "
