@@ -89,8 +89,8 @@ def check_model(name: str) -> None:
     path = pathlib.Path(name).expanduser()
     looks_local = name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or name.count("/") > 1
     if looks_local and not path.is_dir():
-        raise InputError(f"--model {name!r} is not a directory (a local model is the directory that "
-                         "save_pretrained wrote; a hub name looks like org/name)")
+        raise InputError(f"cannot load model {name!r}: it is not a directory (a local model is the directory "
+                         "that save_pretrained wrote; a hub name looks like org/name)")
 
 
 def check_corpus(corpus: str) -> None:
