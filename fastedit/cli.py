@@ -1,4 +1,4 @@
-"""The ``fastedit`` command: ``demo | edit | stats | eval | testbed | build-ext``.
+"""The ``fastedit`` command: ``demo | edit | stats | eval | ask | testbed | build-ext``.
 
 Each subcommand lives beside the code it drives, as a module with ``configure(parser)`` and
 ``run(args) -> int``; this file only wires them up, so ``fastedit --help`` stays fast (the
@@ -16,8 +16,9 @@ COMMANDS = {
     "demo": ("fastedit.testbed.demo", "edit 100 facts of the bundled testbed model and show the result"),
     "edit": ("fastedit.editing.cli", "edit a model with a requests file and save it with a JSON report"),
     "stats": ("fastedit.stats.cli", "collect the covariance statistics of a model over a corpus"),
-    "eval": ("fastedit.eval.cli", "evaluate a model on CounterFact or zsRE records"),
-    "testbed": ("fastedit.testbed.cli", "generate the synthetic world or retrain the testbed model"),
+    "eval": ("fastedit.eval.cli", "evaluate a model on CounterFact or zsRE records, before and after an edit"),
+    "ask": ("fastedit.eval.ask", "print a model's greedy continuation of prompts (edited or not)"),
+    "testbed": ("fastedit.testbed.cli", "write records of the synthetic world or retrain the testbed model"),
     "build-ext": ("fastedit._ext", "compile the C++/CUDA extension now instead of on first use"),
 }
 

@@ -267,7 +267,8 @@ class Editor:
                     if self.batches_done:
                         raise InputError(f"NAS needs the anchor of layer {l}, which must be estimated on the "
                                          "unedited model; call restore() first or use a new Editor")
-                    mu, info = estimate_anchor(self.model, self.tok, self.adapter, sample, l, hparams=self.hparams)
+                    mu, info = estimate_anchor(self.model, self.tok, self.adapter, sample, l, hparams=self.hparams,
+                                               progress=self.progress)
                     entry = {"mu": mu, "layer": l, "model": fp, **info}
                     self._anchor_cache.put(key, entry)
                 self._anchors[l] = float(entry["mu"])

@@ -86,7 +86,7 @@ def choose_sample(requests: list, size: int, seed: int = 0) -> list:
 
 
 def estimate_anchor(model, tok, adapter, requests: list, layer: int, *, hparams,
-                    batch_size: int = 100) -> tuple[float, dict]:
+                    batch_size: int = 100, progress: bool = False) -> tuple[float, dict]:
     """μ = trimmed mean of ‖v0 + δ‖ over ``requests``, v* optimised at ``layer`` on the model as is,
     on the bare prompt (the reference's anchor: no context templates).
 
@@ -100,7 +100,7 @@ def estimate_anchor(model, tok, adapter, requests: list, layer: int, *, hparams,
     vparams = hparams.vstar_params()
     for start in range(0, len(requests), batch_size):
         t = compute_targets(model, tok, adapter, requests[start:start + batch_size], layer,
-                            templates=BARE_PROMPT, hparams=vparams)
+                            templates=BARE_PROMPT, hparams=vparams, progress=progress)
         norms.append((t.v0.to(torch.float64) + t.delta.to(torch.float64)).norm(dim=-1).cpu())
     norms = torch.cat(norms)
     mu = float(linalg.anchor_from_norms(norms, trim_quantile=hparams.nas_trim_quantile))

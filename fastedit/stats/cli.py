@@ -2,6 +2,10 @@
 
     fastedit stats --model meta-llama/Meta-Llama-3-8B --layers 4,5,6,7,8 --corpus wikipedia \\
         --num-samples 100000 --dtype bfloat16 --cache-dir stats/
+    fastedit stats --model testbed --corpus testbed      # the bundled testbed model, its generic corpus
+
+The model name, the corpus and the layers are checked before the model loads; ``--layers``
+defaults to the layers the model's preset edits (both strategies).
 
 Interrupted runs resume from their last checkpoint when rerun with the same arguments.
 Under ``torchrun`` each process reads its shard and rank 0 writes the files.
@@ -13,17 +17,23 @@ import os
 
 import torch
 
-from fastedit.loading import DTYPES, add_layout_argument, layer_list, load_model
+from fastedit.errors import InputError
+from fastedit.loading import (DTYPES, add_layout_argument, add_threads_argument, check_corpus, check_model,
+                              layer_list, load_model, resolve_corpus, set_threads)
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from fastedit.stats.collect import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_SECONDS, DEFAULT_TOKEN_BUDGET
 
-    parser.add_argument("--model", required=True, help="Hugging Face model name or local directory")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face model name, local directory, or 'testbed' / 'testbed:gpt2' (bundled)")
     parser.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
-    parser.add_argument("--layers", required=True, type=layer_list, help="comma-separated layer indices, e.g. 4,5,6")
+    parser.add_argument("--layers", type=layer_list, default=None,
+                        help="comma-separated layer indices, e.g. 4,5,6 (default: the layers the model's "
+                             "preset edits, when fastedit knows the model)")
     parser.add_argument("--corpus", required=True,
-                        help="a .txt (one document per line) or .jsonl file, or a dataset name: wikipedia, "
-                             "wikitext or name:config (needs `pip install datasets`)")
+                        help="a .txt (one document per line) or .jsonl file, a dataset name: wikipedia, "
+                             "wikitext or name:config (needs `pip install datasets`), or 'testbed' (the "
+                             "testbed's generic texts, 1000 unless --num-samples)")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/dataset records")
     parser.add_argument("--split", default="train", help="dataset split (default train)")
     parser.add_argument("--num-samples", type=int, default=None, help="documents to read (default all)")
@@ -46,9 +56,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="recompute even if statistics are cached")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_layout_argument(parser)
+    add_threads_argument(parser)
+
+
+def default_layers(model: str) -> list[int]:
+    """The layers the preset of ``model`` edits under either strategy (critical and boundary layers)."""
+    from fastedit import presets
+    from fastedit.editing.cli import guess_preset
+
+    preset = guess_preset(model)
+    if preset is None:
+        raise InputError(f"pass --layers: fastedit has no preset for {model!r} to take the edited layers from "
+                         f"(presets: {', '.join(presets.names())})")
+    hp = presets.get(preset)
+    return sorted(set(hp.layers) | set(hp.boundary_layers) | set(presets.get(preset, strategy="distribute").layers))
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model(args.model)
+    check_corpus(args.corpus)
+    if args.layers is None:
+        args.layers = default_layers(args.model)
+    if not args.layers:
+        raise InputError("--layers is empty; pass comma-separated layer indices such as 4,5,6")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise InputError(f"--num-samples must be positive, got {args.num_samples}")
     started_group = _init_distributed()
     try:
         return _collect(args)
@@ -81,16 +113,19 @@ def _collect(args) -> int:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+    set_threads(args.threads, device)
+    corpus, model_name, num_samples = resolve_corpus(args.corpus, args.model, args.num_samples)
     model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, revision=args.revision)
     cache_dir = args.cache_dir or default_cache_dir()
-    stats = collect_stats(model, tokenizer, args.layers, args.corpus, cache_dir=cache_dir, model_name=args.model,
+    stats = collect_stats(model, tokenizer, args.layers, corpus, cache_dir=cache_dir, model_name=model_name,
                           revision=args.revision, max_length=args.max_length, token_budget=args.token_budget,
-                          num_samples=args.num_samples, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                          num_samples=num_samples, seed=args.seed, checkpoint_every=args.checkpoint_every,
                           checkpoint_seconds=args.checkpoint_seconds,
                           overwrite=args.overwrite, progress=not args.no_progress, rewrite=args.rewrite,
                           layout=args.layout, text_field=args.text_field, split=args.split)
     if rank == 0:
         for layer, acc in stats.items():
-            where = layer_path(stats_dir(cache_dir, args.model, acc.metadata["dataset"]), layer)
+            where = layer_path(stats_dir(cache_dir, model_name, acc.metadata["dataset"]), layer)
             print(f"layer {layer}: {acc.count} tokens, d_k={acc.d_k} -> {where}")
+        print(f"pass `--stats {where.parent}` to `fastedit edit`")
     return 0
