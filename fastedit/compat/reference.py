@@ -36,6 +36,8 @@ from fastedit.errors import InputError
 #: model -> [(config, stats, Editor)]: the state the references keep in module globals.
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 DEFAULT_STATS_DIR = "data/stats"
+#: tells "cache_c=None passed" (AlphaEdit's repository's first call) from "not passed" (EasyEdit)
+_UNSET = object()
 
 
 def as_config(hparams, alg_name: str | None = None) -> ReferenceConfig:
@@ -171,12 +173,13 @@ def _alphaedit_solver(editor, layer):
 
 
 def apply_AlphaEdit_to_model(model, tok, requests, hparams, copy: bool = False, return_orig_weights: bool = False,
-                             cache_template=None, cache_c=None, P=None, *, stats=None, alg_name: str = "AlphaEdit",
+                             cache_template=None, cache_c=_UNSET, P=_UNSET, *, stats=None, alg_name: str = "AlphaEdit",
                              **kwargs):
     """The reference ``apply_AlphaEdit_to_model``, in both published call shapes.
 
     - AlphaEdit's repository: ``model, cache_c = apply_AlphaEdit_to_model(model, tok, requests,
-      hparams, cache_c=cache_c, P=P)``. On the first call pass ``cache_c=None, P=None`` (fastedit
+      hparams, cache_c=cache_c, P=P)``, recognised by ``cache_c`` or ``P`` being passed at all. On
+      the first call pass ``cache_c=None, P=None`` (fastedit
       computes the null space from the statistics), or the reference's dense tensors: P
       (L, d_k, d_k) projectors (their range is used) and cache_c (L, d_k, d_k). The returned
       ``cache_c`` is an :class:`AlphaEditState`; pass it back as ``cache_c`` (and/or ``P``) to
@@ -192,7 +195,8 @@ def apply_AlphaEdit_to_model(model, tok, requests, hparams, copy: bool = False, 
     if unknown:
         raise InputError(f"apply_AlphaEdit_to_model: unknown argument(s) {', '.join(sorted(unknown))}")
     state = cache_c if isinstance(cache_c, AlphaEditState) else P if isinstance(P, AlphaEditState) else None
-    repo_form = cache_c is not None or P is not None
+    repo_form = cache_c is not _UNSET or P is not _UNSET
+    cache_c, P = (None if x is _UNSET else x for x in (cache_c, P))
     if state is not None:
         if copy:
             raise InputError("copy=True cannot continue a sequence: the state belongs to the model it edited")

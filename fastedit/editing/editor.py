@@ -145,7 +145,7 @@ class Editor:
             raise InputError("pass hparams: an EditParams or a preset name such as 'llama3-8b' "
                              "(see fastedit.presets.names())")
         if isinstance(hparams, str):
-            from fastedit import presets
+            from fastedit.editing import presets
 
             hparams = presets.get(hparams, method=method, strategy=strategy)
         if not isinstance(hparams, EditParams):
