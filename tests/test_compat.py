@@ -304,3 +304,38 @@ def test_bad_context_templates_are_refused():
     with pytest.raises(InputError, match="exactly once"):
         Editor(W.model("gpt2"), W.tokenizer(), method="memit", hparams=presets.get("tiny"), stats={},
                context_templates=[["{}"], ["no slot"]], progress=False)
+
+
+def test_an_easyedit_script_gets_the_editor_delta():
+    from fastedit.compat.easyedit import BaseEditor, MEMITHyperParams
+
+    tok = W.tokenizer()
+    model = W.model("gpt2")
+    C0 = W.fresh_covariances("gpt2", [1, 2])
+    before = W.weights(model)
+    reqs = W.REQUESTS[:2]
+    kwargs = dict(prompts=[r.text for r in reqs], target_new=[r.target_new for r in reqs],
+                  subject=[r.subject for r in reqs], ground_truth=["Paris"] * 2,
+                  rephrase_prompts=[f"a {r.text}" for r in reqs],
+                  locality_inputs={"neighborhood": {"prompt": W.HELD[:2], "ground_truth": ["red", "blue"]}})
+    hp = load_hparams({**_tiny_file(), "alg_name": "MEMIT"})
+    editor = BaseEditor.from_hparams(hp, model=model, tok=tok, stats=C0)
+    metrics, edited, weights_copy = editor.edit(**kwargs, sequential_edit=False)
+    W.assert_unchanged(model, before)  # each request edited alone, then restored, as EasyEdit does
+    assert [m["case_id"] for m in metrics] == [0, 1]
+    assert set(metrics[0]["post"]) == {"rewrite_acc", "rephrase_acc", "locality"}
+    assert list(metrics[0]["post"]["locality"]) == ["neighborhood_acc"]
+    metrics, edited, _ = editor.edit(**kwargs, sequential_edit=True)
+    assert edited is model and sum(m["post"]["rewrite_acc"][0] for m in metrics) > \
+        sum(m["pre"]["rewrite_acc"][0] for m in metrics)
+
+    ref = W.model("gpt2")
+    Editor(ref, tok, method="memit", hparams=_hand_params(), stats=C0, progress=False).edit(reqs, batch_size=1)
+    for l in (1, 2):
+        name = f"transformer.h.{l}.mlp.c_proj.weight"
+        assert torch.equal(model.get_parameter(name), ref.get_parameter(name))
+    with pytest.raises(InputError, match="not AlphaEdit"):
+        from fastedit.compat.easyedit import AlphaEditHyperParams
+
+        AlphaEditHyperParams.from_hparams(DATA / "easyedit" / "MEMIT" / "gpt2-xl.yaml")
+    assert MEMITHyperParams.from_hparams(DATA / "easyedit" / "MEMIT" / "gpt2-xl.yaml").params.lam == 20000.0
