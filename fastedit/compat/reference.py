@@ -96,6 +96,8 @@ def _cache_template_note(cache_template) -> None:
 def _run(model, tok, requests, hparams, *, copy: bool, return_orig_weights: bool, cache_template, stats, alg_name,
          method=None, batch_size=None):
     config = as_config(hparams, alg_name)
+    if method is None and config.method == "alphaedit":
+        raise InputError(f"hparams are for {config.alg_name!r}: call apply_AlphaEdit_to_model")
     if copy:
         model = _copy.deepcopy(model)
     _cache_template_note(cache_template)
@@ -183,7 +185,9 @@ def apply_AlphaEdit_to_model(model, tok, requests, hparams, copy: bool = False, 
       computes the null space from the statistics), or the reference's dense tensors: P
       (L, d_k, d_k) projectors (their range is used) and cache_c (L, d_k, d_k). The returned
       ``cache_c`` is an :class:`AlphaEditState`; pass it back as ``cache_c`` (and/or ``P``) to
-      continue the sequence (C_p += KKᵀ of each call).
+      continue the sequence (C_p += KKᵀ of each call). Once a state is passed, the projector is
+      the state's: a dense P given again (the reference's driver passes the same P every call)
+      is not read.
     - EasyEdit's: ``model, weights_copy = apply_AlphaEdit_to_model(model, tok, requests, hparams,
       copy=..., return_orig_weights=...)``, the state kept per model between calls (as EasyEdit's
       globals).
