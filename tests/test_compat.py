@@ -266,6 +266,11 @@ def test_a_memit_driver_gets_the_editor_delta(tmp_path):
         assert got.abs().max() > 0 and torch.equal(got, want)
         assert torch.equal(editor.original_weights[l], before[name])
         assert torch.equal(report.batches[0].deltas[l], editor.delta(l)) and torch.equal(editor.delta(l), want.T)
+    # a second call reuses what the reference keeps in globals (templates, factored λC0): one Editor
+    from fastedit.compat.reference import _SESSIONS
+
+    apply_memit_to_model(model, tok, _records(W.MORE_REQUESTS[:1]), path)
+    assert len(_SESSIONS[model]) == 1 and _SESSIONS[model][0][2].batches_done == 2
 
 
 def test_an_alphaedit_driver_carries_cache_c_like_the_editor(tmp_path):

@@ -259,8 +259,6 @@ def load_hparams(source, *, alg_name: str | None = None, strict: bool = True, **
     fields.update(overrides)
     if "layers" not in fields:
         raise InputError(f"{where}: no 'layers' key: the critical layers to edit are required")
-    if variant["strategy"] == "blue" and "blue_layers" not in fields:
-        fields["blue_layers"] = None
     try:
         params = EditParams(**fields)
     except TypeError as exc:

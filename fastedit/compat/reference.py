@@ -71,7 +71,8 @@ def _editor(model, tok, config: ReferenceConfig, stats, method: str | None = Non
     from fastedit.editing import Editor
 
     for cfg, src, ed in _SESSIONS.get(model, []):
-        if cfg == config and src is stats and (method is None or ed.method == method):
+        same_stats = src is stats or (isinstance(src, ReferenceStats) and src == stats)
+        if cfg == config and same_stats and (method is None or ed.method == method):
             return ed
     config.check_model(model)
     kwargs = config.editor_kwargs()

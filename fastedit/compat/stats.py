@@ -53,6 +53,13 @@ class ReferenceStats:
             raise InputError(f"reference statistics directory {str(self.directory)!r} does not exist")
         self.dataset, self.n_samples, self.dtype = dataset, n_samples, dtype
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ReferenceStats) and (self.directory.resolve(), self.dataset, self.n_samples,
+                                                      self.dtype) == (other.directory.resolve(), other.dataset,
+                                                                      other.n_samples, other.dtype)
+
+    __hash__ = None
+
     @classmethod
     def from_config(cls, config, directory=None) -> "ReferenceStats":
         """From a :class:`~fastedit.compat.ReferenceConfig` (its ``stats_dir`` unless ``directory``)."""
