@@ -10,7 +10,7 @@ import importlib
 from fastedit._version import __version__
 from fastedit import errors, linalg
 
-_LAZY_MODULES = {"kernels", "models", "editing", "stats", "eval", "testbed", "presets", "cli"}
+_LAZY_MODULES = {"kernels", "models", "editing", "stats", "eval", "testbed", "presets", "cli", "compat"}
 _LAZY_ATTRS = {
     "Editor": ("fastedit.editing", "Editor"),
 }

@@ -153,6 +153,11 @@ def test_counterfact_metrics_on_stub(tok):
     assert rep["score"] == pytest.approx(3 / (1 / 100 + 1 / 50 + 3 / 200))
     case = rep["cases"][0]
     assert case["case_id"] == 7
+    # The reference's *_prompts_correct: the expected target (new; true for neighbours) is the argmax.
+    assert case["rewrite_prompts_correct"] == [True] and case["paraphrase_prompts_correct"] == [True, False]
+    assert case["neighborhood_prompts_correct"] == [True, True, False]
+    assert (rep["rewrite_acc"], rep["paraphrase_acc"]) == (100.0, 50.0)
+    assert rep["neighborhood_acc"] == pytest.approx(200 / 3)
     # The NLLs are the stub's log-softmax values, new then true.
     for kind, key in (("rewrite", "rewrite"), ("paraphrase", "p2")):
         row = torch.log_softmax(stub.table[last[key]], -1)
@@ -181,7 +186,9 @@ def test_zsre_metrics_on_stub(tok):
     stub.table.data[a[0], b[0]] = 5.0              # second wrong: 50 %
     stub.table.data[_last(tok, reph), a[0]] = 5.0
     stub.table.data[a[0], a[1]] = 0.0
-    stub.table.data[_last(tok, loc), b[0]] = 5.0   # loc answered right: 100 %
+    # loc answered right after the "?" the references append to MEND's loc questions: 100 %
+    assert _last(tok, loc + "?") not in (_last(tok, loc), _last(tok, src), _last(tok, reph), a[0])
+    stub.table.data[_last(tok, loc + "?"), b[0]] = 5.0
     raw = {"subject": "Zorbel Tain", "src": src, "rephrase": reph, "answers": ["French Dutch"],
            "alt": "", "loc": loc, "loc_ans": "Rome", "pred": "x", "cond": ""}
     rep = evaluate(stub, tok, [raw], progress=False)
@@ -279,3 +286,76 @@ def test_eval_cli_errors(tmp_path, capsys):
                                  "loc": "e", "loc_ans": "f"}]))
     assert main(["eval", "--model", str(tmp_path / "no_model"), "--records", str(good)]) == 2
     assert "cannot load model" in capsys.readouterr().err
+
+
+def _published_zsre_evaluator(model, tok, raw: dict) -> dict:
+    """MEMIT's dsets/zsre.py record + AlphaEdit's compute_rewrite_quality_zsre, transcribed one
+    prompt at a time (each prompt its own forward, no padding)."""
+    llama = "llama" in model.config._name_or_path.lower()
+    ans_toks = tok(" " + raw["loc_ans"])["input_ids"]
+    neigh = [(raw["loc"] + "?" + tok.decode(ans_toks[:i]), tok.decode(ans_toks[i])) for i in range(len(ans_toks))]
+    target_tok = tok(" " + raw["answers"][0])["input_ids"]
+    if llama:
+        target_tok = target_tok[1:]
+
+    def acc(prompt, target):
+        ans = model(torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1].argmax().item()
+        ids = tok(target)["input_ids"]
+        return ans == (ids[1] if llama else ids[0])
+
+    out = {}
+    for kind, p in (("rewrite", raw["src"]), ("paraphrase", raw["rephrase"])):
+        out[kind] = [acc(p + tok.decode(target_tok[:i]) if not llama or i == 0 else p + " " + tok.decode(target_tok[:i]),
+                         tok.decode(target_tok[i])) for i in range(len(target_tok))]
+    out["neighborhood"] = [acc(p, t) for p, t in neigh]
+    return out
+
+
+@pytest.mark.parametrize("arch,name", [("llama", "tiny-Llama-3"), ("gpt2", "tiny-gpt2")])
+def test_zsre_reference_mode_reproduces_the_published_evaluator(shared_data, tok, arch, name):
+    model = _tiny(arch, tok)
+    model.config._name_or_path = name
+    raws = json.loads((shared_data / "zsre_mend_eval_1037.json").read_text())[:3]
+    rep = evaluate_zsre(model, tok, load_records(raws), batch_size=7, progress=False, mode="reference")
+    assert rep["mode"] == "reference"
+    for raw, case in zip(raws, rep["cases"]):
+        want = _published_zsre_evaluator(model, tok, raw)
+        for kind in ("rewrite", "paraphrase", "neighborhood"):
+            assert case[f"{kind}_prompts_correct"] == want[kind], kind
+        # the BOS quirk: the testbed tokenizer adds BOS, which the reference scores as a loc answer token
+        assert len(case["neighborhood_prompts_correct"]) == len(tok(" " + raw["loc_ans"])["input_ids"])
+        assert len(tok(" " + raw["loc_ans"], add_special_tokens=False)["input_ids"]) == \
+            len(case["neighborhood_prompts_correct"]) - 1
+    assert rep["specificity"] == pytest.approx(
+        sum(sum(c["neighborhood_prompts_correct"]) / len(c["neighborhood_prompts_correct"]) for c in rep["cases"]) / 3 * 100)
+    with pytest.raises(InputError, match="mode"):
+        evaluate_zsre(model, tok, load_records(raws), mode="paper")
+
+
+def test_zsre_reference_mode_scores_bos_as_a_loc_answer_token(tok):
+    """A bigram stub that answers every zsRE prompt right: fastedit's specificity is 100, the
+    published evaluator's (a 'llama' model name, a tokenizer adding BOS) misses the BOS item."""
+    from types import SimpleNamespace
+
+    raw = {"subject": "Zorbel Tain", "src": "Zorbel Tain speaks", "rephrase": "The language of Zorbel Tain is",
+           "answers": ["French Dutch"], "alt": "", "loc": "nq question: who won the", "loc_ans": "Rome Paris",
+           "pred": "x", "cond": ""}
+    ans = tok(" " + raw["answers"][0], add_special_tokens=False)["input_ids"]
+    loc = tok(" " + raw["loc_ans"], add_special_tokens=False)["input_ids"]
+    rows = [(_last(tok, raw["src"]), ans[0]), (_last(tok, raw["rephrase"]), ans[0]),
+            (_last(tok, raw["loc"] + "?"), loc[0])] + list(zip(ans, ans[1:])) + list(zip(loc, loc[1:]))
+    # the reference's second loc prefix is "<loc>?" + decode([BOS]): it ends on BOS
+    rows.append((tok.bos_token_id, loc[0]))
+    assert len({r for r, _ in rows}) == len(rows), "the stub needs one row per predicted token"
+    stub = BigramStub(len(tok))
+    stub.config = SimpleNamespace(_name_or_path="stub-llama")
+    for r, c in rows:
+        stub.table.data[r, c] = 5.0
+    recs = load_records([raw])
+    ours = evaluate_zsre(stub, tok, recs, progress=False)
+    assert (ours["efficacy"], ours["generalization"], ours["specificity"]) == (100.0, 100.0, 100.0)
+    ref = evaluate_zsre(stub, tok, recs, progress=False, mode="reference")
+    case = ref["cases"][0]
+    assert all(case["rewrite_prompts_correct"]) and all(case["paraphrase_prompts_correct"])
+    assert case["neighborhood_prompts_correct"] == [False] + [True] * len(loc)
+    assert ref["specificity"] == pytest.approx(100 * len(loc) / (len(loc) + 1))

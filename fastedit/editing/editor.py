@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastedit._hf import context_length
-from fastedit.editing.context import context_templates, flatten
+from fastedit.editing.context import check_templates, context_templates, flatten
 from fastedit.editing.hparams import EditParams
 from fastedit.editing.methods import (METHODS, REGULARIZERS, STRATEGIES, STRATEGY_FUNCS, BatchRun, anchor_layer,
                                       edited_layers, make_solver)
@@ -39,6 +39,7 @@ from fastedit.editing.requests import Request, check_context_fit, validate_reque
 from fastedit.errors import EditError, FastEditError, InputError
 from fastedit.models import get_adapter
 from fastedit.stats import cache as stats_cache
+from fastedit.compat.stats import ReferenceStats, is_reference_dir
 
 
 @dataclass
@@ -58,6 +59,8 @@ class BatchReport:
     layers: dict
     times: dict
     seconds: float
+    #: {layer: ΔW (d, d_k)} that landed in the weights, float32 or wider (Editor(record_deltas=True))
+    deltas: dict | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "requests": self.requests, "case_ids": _jsonable(self.case_ids),
@@ -135,7 +138,8 @@ class Editor:
             the directory holding the ``layer_<l>.safetensors`` files :mod:`fastedit.stats` writes
             (refused when collected for another model: weights, module, d_k or layer differ; with
             AlphaEdit the null-space basis is cached beside them, see
-            :func:`fastedit.stats.cache.null_space`).
+            :func:`fastedit.stats.cache.null_space`), or the references' ``.npz`` statistics (a
+            directory, or :class:`fastedit.compat.ReferenceStats`).
         layers: overrides ``hparams.layers`` (and resets ``blue_layers`` to its ends).
         device: moves the model there first when given.
         progress: show a tqdm bar over the edits.
@@ -143,11 +147,15 @@ class Editor:
         layout: the model's module layout, over the built-in one of its family (a
             :class:`fastedit.models.Layout`, a dict, a JSON file or ``"field=template,..."``;
             see :func:`fastedit.models.get_adapter`). Needed for families without a built-in one.
+        context_templates: fixed context templates ``[["{}"], ["<prefix> {}", ...]]`` instead of the
+            ones generated from the model (as returned by :func:`fastedit.editing.context_templates`).
+        record_deltas: keep each batch's ΔW per layer in ``BatchReport.deltas``.
     """
 
     def __init__(self, model, tokenizer, method: str = "alphaedit", strategy: str = "distribute", nas: bool = False,
                  regularizer: str | None = None, hparams: EditParams | str | None = None, stats=None,
-                 layers=None, device=None, progress: bool = True, cache_dir=None, layout=None):
+                 layers=None, device=None, progress: bool = True, cache_dir=None, layout=None,
+                 context_templates=None, record_deltas: bool = False):
         if method not in METHODS:
             raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         if strategy not in STRATEGIES:
@@ -158,7 +166,7 @@ class Editor:
             raise InputError("pass hparams: an EditParams or a preset name such as 'llama3-8b' "
                              "(see fastedit.presets.names())")
         if isinstance(hparams, str):
-            from fastedit import presets
+            from fastedit.editing import presets
 
             hparams = presets.get(hparams, method=method, strategy=strategy)
         if not isinstance(hparams, EditParams):
@@ -181,7 +189,8 @@ class Editor:
             self.adapter.check_layer(l)
         self._stats = stats
         self._solvers: dict = {}
-        self._templates = None
+        self._templates = None if context_templates is None else check_templates(context_templates)
+        self.record_deltas = bool(record_deltas)
         self._anchor_cache = AnchorCache(cache_dir)
         self._anchors: dict[int, float] = {}
         self._anchor_info: dict[int, dict] = {}
@@ -219,10 +228,12 @@ class Editor:
             C0 = stats[layer]
             if hasattr(C0, "mean") and hasattr(C0, "count"):  # a CovarianceAccumulator
                 C0 = C0.mean()
+        elif isinstance(stats, ReferenceStats) or is_reference_dir(stats):
+            C0 = (stats if isinstance(stats, ReferenceStats) else ReferenceStats(stats)).covariance(layer, self.adapter)
         elif isinstance(stats, (str, os.PathLike)):
             C0 = stats_cache.load_directory(stats, layer, self._identity(layer)).mean()
         else:
-            raise InputError(f"stats must be a dict {{layer: C0}} or a statistics directory, got "
+            raise InputError(f"stats must be a dict {{layer: C0}}, a statistics directory or ReferenceStats, got "
                              f"{type(stats).__name__}")
         C0 = torch.as_tensor(C0).to(device=self.adapter.layer_device(layer), dtype=torch.float64)
         d_k = self.adapter.d_k
@@ -406,11 +417,15 @@ class Editor:
         if call is not None:
             call.accumulated.extend(accumulated)
         self.batches_done += 1
+        deltas = None
+        if self.record_deltas:
+            acc = torch.promote_types(self.adapter.dtype, torch.float32)
+            deltas = {l: self._dk(params[l].detach()).to(acc) - self._dk(snapshot[l]).to(acc) for l in written}
         return BatchReport(index=self.batches_done - 1, requests=list(range(start, stop)),
                            case_ids=[r.case_id for r in batch], edited=[start + i for i in sorted(run.written)],
                            dropped=[{**d, "request": start + d["request"]} for d in run.dropped],
                            vstar={l: {**v, "requests": [start + i for i in v["requests"]]} for l, v in run.vstar.items()},
-                           layers=run.layers, times=run.times, seconds=time.perf_counter() - t0)
+                           layers=run.layers, times=run.times, seconds=time.perf_counter() - t0, deltas=deltas)
 
     def _prune(self) -> dict:
         """W ← W0 + F(ΔW_total) on every edited layer (PRUNE); the caller's transaction
@@ -440,6 +455,20 @@ class Editor:
             w = float(self.adapter.weight(l).to(torch.float64).norm())
             out[l] = {"original": w0, "current": w, "growth": w / w0 if w0 > 0 else None}
         return out
+
+    @property
+    def original_weights(self) -> dict:
+        """{layer: the rewrite weight before any edit}, in the parameter's own layout and dtype
+        (GPT-2's Conv1D: (d_k, d)); the references' ``weights_copy``. Do not modify them:
+        :meth:`restore` writes them back."""
+        return dict(self._originals)
+
+    def delta(self, layer: int) -> torch.Tensor:
+        """W − W0 of an edited layer as (d, d_k), float32 or wider: the sum of every update so far."""
+        if layer not in self._originals:
+            raise InputError(f"layer {layer} is not edited by this Editor (it edits {list(self.edit_layers)})")
+        acc = torch.promote_types(self.adapter.dtype, torch.float32)
+        return self.adapter.weight(layer).to(acc) - self._dk(self._originals[layer]).to(acc)
 
     @property
     def anchors(self) -> dict:

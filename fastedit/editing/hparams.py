@@ -1,7 +1,9 @@
 """Every knob of the editing methods, in one dataclass (ALGORITHMS.md section 10).
 
-Named presets with the reference values live in :mod:`fastedit.presets`; this module only
-defines the fields, their meaning and their validation.
+Named presets with the reference values live in :mod:`fastedit.editing.presets` (public name
+:mod:`fastedit.presets`); the reference repositories' and EasyEdit's files are read into this
+dataclass by :func:`fastedit.compat.load_hparams`. This module only defines the fields, their
+meaning and their validation.
 """
 from __future__ import annotations
 

@@ -6,8 +6,12 @@ new and the true object. Per case, with [·] the indicator:
     generalization = mean over paraphrase prompts   [NLL(new) < NLL(true)]
     specificity    = mean over neighbourhood prompts [NLL(true) < NLL(new)]
 and the magnitudes efficacy_magnitude etc. = mean of p(new) - p(true) (specificity: p(true) -
-p(new)) with p = exp(-NLL). Aggregates are the means over cases (cases without prompts of a
-kind are left out of that mean) × 100, and score = harmonic mean of the three rates.
+p(new)) with p = exp(-NLL), and the reference's accuracies ``*_prompts_correct``: a prompt is
+correct when every token of its expected target (new for rewrite and paraphrase prompts, true
+for neighbourhood prompts) is the teacher-forced argmax, reported per case as 0/1 lists and
+aggregated as rewrite_acc, paraphrase_acc, neighborhood_acc (MEMIT's summarize). Aggregates
+are the means over cases (cases without prompts of a kind are left out of that mean) × 100,
+and score = harmonic mean of the three rates.
 Optionally fluency (n-gram entropy of greedy generations from generation_prompts) and
 consistency (TF-IDF cosine of those generations with snippets about the new object), both
 × 100 as in the papers' tables (GPT2-XL's fluency is about 620 on that scale).
@@ -57,7 +61,7 @@ def _mean(xs: list[float]) -> float:
 
 def evaluate_counterfact(model, tokenizer, records: Sequence[dict], *, batch_size: int = 64,
                          padding_side: str = "right", fluency: bool = False, snippets=None,
-                         max_new_tokens: int = 50, progress: bool = True) -> dict:
+                         max_new_tokens: int = 50, progress: bool = True, mode: str = "fastedit") -> dict:
     """CounterFact metrics of ``model`` on normalised CounterFact records (see module docstring).
 
     records: as returned by :func:`fastedit.editing.requests.load_records`. ``batch_size`` is
@@ -67,11 +71,15 @@ def evaluate_counterfact(model, tokenizer, records: Sequence[dict], *, batch_siz
 
     Returns ``{"n_cases", "efficacy", "generalization", "specificity", "score", ...
     "cases": [{"case_id", "efficacy", ..., "nll": {kind: [[nll_new, nll_true], ...]}}]}``.
+    ``mode="reference"`` is accepted for symmetry with :func:`evaluate_zsre`: the published
+    CounterFact evaluator scores the same way (checked case by case), so both modes agree.
     """
     from tqdm.auto import tqdm
 
     if len(records) == 0:
         raise InputError("no records to evaluate")
+    if mode not in ("fastedit", "reference"):
+        raise InputError(f"mode must be 'fastedit' or 'reference', got {mode!r}")
     if snippets is not None and not isinstance(snippets, _consistency.Snippets):
         snippets = _consistency.load_snippets(snippets)
     prompts, targets, where = [], [], []  # where[j] = (case index, kind, prompt index, is_new)
@@ -89,11 +97,14 @@ def evaluate_counterfact(model, tokenizer, records: Sequence[dict], *, batch_siz
                     targets.append(t)
                     where.append((i, kind, k, is_new))
     with tqdm(total=len(prompts), desc="CounterFact", unit="prompt", disable=not progress) as bar:
-        nll, _ = target_scores(model, tokenizer, prompts, targets, batch_size=batch_size,
-                               padding_side=padding_side, progress=bar)
+        nll, acc = target_scores(model, tokenizer, prompts, targets, batch_size=batch_size,
+                                 padding_side=padding_side, progress=bar)
     table = [{kind: {} for kind in KINDS} for _ in records]
-    for (i, kind, k, is_new), v in zip(where, nll.tolist()):
+    exact = [{kind: {} for kind in KINDS} for _ in records]
+    for (i, kind, k, is_new), v, a in zip(where, nll.tolist(), acc.tolist()):
         table[i][kind].setdefault(k, [None, None])[0 if is_new else 1] = v
+        if is_new == (kind != "neighborhood"):
+            exact[i][kind][k] = a == 1.0
 
     cases = []
     for i, rec in enumerate(records):
@@ -101,6 +112,7 @@ def evaluate_counterfact(model, tokenizer, records: Sequence[dict], *, batch_siz
         for kind in KINDS:
             pairs = [table[i][kind][k] for k in sorted(table[i][kind])]
             case["nll"][kind] = pairs
+            case[f"{kind}_prompts_correct"] = [exact[i][kind][k] for k in sorted(exact[i][kind])]
             if not pairs:
                 case[RATE[kind]] = case[RATE[kind] + "_magnitude"] = None
                 continue
@@ -125,11 +137,15 @@ def evaluate_counterfact(model, tokenizer, records: Sequence[dict], *, batch_siz
                 sim = snippets.consistency(gens, rr.get("relation_id"), tid) if gens and tid else None
                 case["consistency"] = sim * 100 if sim is not None else None
 
-    report: dict = {"n_cases": len(records)}
+    report: dict = {"n_cases": len(records), "mode": mode}
     for name in ("efficacy", "generalization", "specificity"):
         for suffix in ("", "_magnitude"):
             vals = [c[name + suffix] for c in cases if c[name + suffix] is not None]
             report[name + suffix] = _mean(vals)
+    for kind in KINDS:
+        vals = [_mean([float(x) for x in c[f"{kind}_prompts_correct"]]) * 100 for c in cases
+                if c[f"{kind}_prompts_correct"]]
+        report[f"{kind}_acc"] = _mean(vals)
     report["score"] = harmonic_mean([report["efficacy"], report["generalization"], report["specificity"]])
     for extra in ("fluency", "consistency"):
         vals = [c[extra] for c in cases if c.get(extra) is not None]

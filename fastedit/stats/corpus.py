@@ -4,9 +4,11 @@ A corpus is a sized, indexable sequence of documents (``len`` and ``corpus[i]``)
 ``name`` recorded in the cache metadata. A document is a string, or an already tokenized
 sequence of token ids. Sources:
 
-- a Hugging Face ``datasets`` dataset, by name (``"wikipedia"`` -> ``("wikipedia",
-  "20220301.en")`` and ``"wikitext"`` -> ``("wikitext", "wikitext-103-raw-v1")`` as the
-  references load them, or ``"name:config"``); ``datasets`` is imported only here;
+- a Hugging Face ``datasets`` dataset: by name (``"wikipedia"`` -> ``("wikimedia/wikipedia",
+  "20231101.en")`` and ``"wikitext"`` -> ``("Salesforce/wikitext", "wikitext-103-raw-v1")``, the
+  hub's current homes of the references' corpora, or ``"name:config"``); a directory written by
+  ``save_to_disk``; or a ``Dataset`` / ``DatasetDict`` (its ``split``) / ``IterableDataset``
+  (``streaming=True``: read once, in order) object. ``datasets`` is imported only here;
 - a local file: ``.jsonl`` (one JSON object per line, its ``text`` field) or any other
   extension read as text, one document per non-empty line. Only the line offsets are held
   in memory, so a corpus of any size streams;
@@ -27,10 +29,12 @@ import torch
 
 from fastedit.errors import InputError
 
-#: Dataset names the references use, with the configuration they load.
+#: Dataset names the references use, with the hub dataset and configuration that hold them today. The
+#: references loaded ("wikipedia", "20220301.en"), a loading script the hub no longer runs; the
+#: wikimedia/wikipedia dump of 2023-11-01 is the nearest one (pass "name:config" for another dump).
 KNOWN_DATASETS = {
-    "wikipedia": ("wikipedia", "20220301.en"),
-    "wikitext": ("wikitext", "wikitext-103-raw-v1"),
+    "wikipedia": ("wikimedia/wikipedia", "20231101.en"),
+    "wikitext": ("Salesforce/wikitext", "wikitext-103-raw-v1"),
 }
 
 
@@ -186,22 +190,63 @@ class StreamCorpus:
             yield doc
 
 
-def load_hf_dataset(name: str, config: str | None = None, *, split: str = "train", text_field: str = "text"
-                    ) -> SequenceCorpus:
-    """A Hugging Face dataset as a corpus (``datasets`` is an optional dependency)."""
+class _Texts:
+    """The text field of each row of an iterable dataset, re-iterable (a fresh pass per iter)."""
+
+    def __init__(self, rows, text_field: str):
+        self._rows, self._field = rows, text_field
+
+    def __iter__(self):
+        for i, row in enumerate(self._rows):
+            if self._field not in row:
+                raise InputError(f"row {i} has no field {self._field!r} (fields: {', '.join(row)}); pass text_field=")
+            yield row[self._field]
+
+
+def _is_hf(obj) -> bool:
+    return type(obj).__module__.split(".")[0] == "datasets"
+
+
+def hf_corpus(ds, *, split: str = "train", text_field: str = "text", name: str | None = None):
+    """A corpus from a ``datasets`` object: ``Dataset`` -> sized corpus, ``DatasetDict`` /
+    ``IterableDatasetDict`` -> its ``split``, ``IterableDataset`` -> a stream (read once, in order)."""
+    if type(ds).__name__.endswith("DatasetDict"):
+        if split not in ds:
+            raise InputError(f"the dataset has no split {split!r} (splits: {', '.join(ds)}); pass split= (--split)")
+        ds = ds[split]
+    info = getattr(ds, "info", None)
+    label = name or "/".join(x for x in (getattr(info, "dataset_name", None), getattr(info, "config_name", None),
+                                         getattr(ds, "split", None) and str(ds.split)) if x) or "python"
+    columns = getattr(ds, "column_names", None)
+    if columns is not None and text_field not in columns:
+        raise InputError(f"dataset {label!r} has no column {text_field!r} (columns: {', '.join(columns)}); "
+                         "pass text_field= (--text-field)")
+    if hasattr(ds, "__len__") and hasattr(ds, "__getitem__"):
+        return SequenceCorpus(ds, label, text_field)
+    return StreamCorpus(_Texts(ds, text_field), label)
+
+
+def load_hf_dataset(name: str, config: str | None = None, *, split: str = "train", text_field: str = "text",
+                    streaming: bool = False):
+    """A Hugging Face dataset as a corpus (``datasets`` is an optional dependency): a hub name
+    (``KNOWN_DATASETS`` maps the references' short names), or a ``save_to_disk`` directory.
+    ``streaming`` reads the hub dataset as it downloads (a stream: read once, in order)."""
     try:
         import datasets
     except ImportError:
         raise InputError(f"reading the dataset {name!r} needs the optional package `datasets`: "
                          "pip install datasets (or pip install fastedit[datasets]), or pass a local "
                          ".txt/.jsonl file as the corpus") from None
+    path = pathlib.Path(name)
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        label = f"{path.name}/{split}" if type(ds).__name__.endswith("DatasetDict") else path.name
+        return hf_corpus(ds, split=split, text_field=text_field, name=label)
     if config is None and name in KNOWN_DATASETS:
         name, config = KNOWN_DATASETS[name]
-    ds = datasets.load_dataset(name, config, split=split)
-    if text_field not in ds.column_names:
-        raise InputError(f"dataset {name!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
-                         "pass text_field= (--text-field)")
-    return SequenceCorpus(ds, f"{name}/{config}/{split}" if config else f"{name}/{split}", text_field)
+    ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
+    return hf_corpus(ds, split=split, text_field=text_field,
+                     name=f"{name}/{config}/{split}" if config else f"{name}/{split}")
 
 
 def open_corpus(source, *, name: str | None = None, text_field: str = "text", split: str = "train"):
@@ -212,12 +257,20 @@ def open_corpus(source, *, name: str | None = None, text_field: str = "text", sp
     cache them)."""
     if isinstance(source, (Corpus, StreamCorpus)):
         return source
+    if _is_hf(source):
+        return hf_corpus(source, split=split, text_field=text_field, name=name)
     if isinstance(source, (str, os.PathLike)):
         path = pathlib.Path(source)
         if path.is_file():
             return FileCorpus(path, text_field=text_field, name=name)
         if path.is_dir():
-            raise InputError(f"corpus {str(source)!r} is a directory; pass one .txt or .jsonl file")
+            if not any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+                raise InputError(f"corpus {str(source)!r} is a directory but not a saved dataset (save_to_disk); "
+                                 "pass one .txt or .jsonl file or a dataset directory")
+            corpus = load_hf_dataset(str(path), split=split, text_field=text_field)
+            if name:
+                corpus.name = name
+            return corpus
         if isinstance(source, os.PathLike) or path.suffix.lower() in (".txt", ".jsonl", ".json", ".ndjson"):
             raise InputError(f"corpus file {str(source)!r} does not exist")
         dataset, _, config = str(source).partition(":")
