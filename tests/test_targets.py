@@ -75,22 +75,27 @@ def test_batched_equals_one_at_a_time_and_the_reference_loop(arch):
     assert (t.delta.norm(dim=1) / t.h_init.norm(dim=1)).max() <= 0.3 * (1 + 1e-12)
 
 
-def test_cache_is_rebuilt_for_the_running_edits():
+@pytest.mark.parametrize("suffix", [False, True])
+def test_cache_is_rebuilt_for_the_running_edits(suffix):
     model, tok, ad, tpl, seed = _setup("gpt2", templates=1)
     reqs, steps = REQUESTS[:4], 4
     first = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=VStarParams(1, loss_stop=0.0))
     top2 = first.loss.topk(2).values
     # All but the edit with the highest initial loss stop at once: from iteration 1 on, one edit of
-    # four runs, so the replay cache is rebuilt for it alone (one more no-grad model forward).
+    # four runs, so the replay cache is recorded again for it alone.
     hp = VStarParams(steps, loss_stop=float(top2.mean()))
     forwards = []
     handle = model.register_forward_pre_hook(lambda *a: forwards.append(1))
     try:
-        t = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp)
+        t = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, suffix=suffix)
     finally:
         handle.remove()
+    assert t.path == ("suffix" if suffix else "replay")
     assert sorted(t.steps.tolist())[:3] == [0, 0, 0] and t.steps.max() > 0
-    assert len(forwards) == 3  # the readout check, the first recording, the rebuilt one
+    # the readout check; the first recording (iteration 0's forward) and the one for the running
+    # edit. The suffix path checks itself on one edit first (a full forward, then the prefix and
+    # suffix passes) and each of its recordings is two passes (prefix, suffix).
+    assert len(forwards) == (1 + 3 + 2 + 2 if suffix else 3)
     z_ref, steps_ref, _ = _baselines().vstar_one_at_a_time(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp)
     assert t.steps.tolist() == steps_ref.tolist()
     assert_close(t.z, z_ref, 1e-6, f"seed {seed} rebuilt cache")
