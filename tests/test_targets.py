@@ -250,7 +250,7 @@ def test_bad_inputs_and_failures():
     assert all(p.requires_grad for p in model.parameters())
 
 
-RAGGED = REQUESTS + [  # long and short prompts and targets: chunks of different widths
+RAGGED = REQUESTS[:3] + [  # long and short prompts and targets: chunks of different widths
     Request("In the old town of Rome, the guitar of {} is", "Toko Yasuda", "Michael Jordan of Paris"),
     Request("{} is", "Italy", "Rome"),
 ]
@@ -283,7 +283,7 @@ def test_suffix_path_equals_the_full_model(arch):
         ad, tpl = get_adapter(model), [["{}"], ["Paris is in Italy. {}", "The guitar. {}"]]
     else:
         model, tok, ad, tpl, seed = _setup(arch, templates=2)
-    hp = VStarParams(4, clamp_norm_factor=0.3, loss_stop=0.0)
+    hp = VStarParams(3, clamp_norm_factor=0.3, loss_stop=0.0)
     full = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp, replay=False)
     tol, what = SUFFIX_ARCHS[arch], f"{arch} seed {seed}"
     one = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp, max_chunk_tokens=10 ** 6)
