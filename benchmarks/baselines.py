@@ -256,3 +256,56 @@ def memit_sequential_baseline(model, tokenizer, adapter, requests, layers, covar
             W = adapter.weight(layer)
             W.add_((R @ adj.T).to(W.dtype))
     return model
+
+
+# --- Sequential AlphaEdit and AlphaEdit_BLUE end to end (issue 11's faithful baseline) ---------
+
+
+def alphaedit_sequential_baseline(model, tokenizer, adapter, requests, layers, covariances, *, templates, hparams,
+                                  batch_size, blue: bool = False):
+    """AlphaEdit as the reference runs a sequence of batches. Once: per layer, the SVD of C0 and
+    the dense projector P = U_0 U_0ᵀ onto the singular vectors with singular value below
+    ``nullspace_threshold``, C_p = 0. Per batch: v* one edit at a time (whole model each step);
+    distribute (``blue=False``): z at the last layer, then per layer keys and the last layer's
+    outputs on the current model, R = (z − cur) / (layers left); BLUE (``blue=True``): for the
+    first then the last of ``layers``, z, keys and cur at that layer on the current model, the
+    full residual. ΔWᵀ = solve(P(KKᵀ + C_p) + αI, P K Rᵀ) by a general float32 LU on d_k × d_k
+    (as the reference). After the batch the keys are recomputed on the edited model and
+    C_p += KKᵀ per layer. Edits ``model`` in place."""
+    from fastedit.editing.keys import block_outputs_at_lookup, compute_keys
+
+    vparams = hparams.vstar_params()
+    P, cache = {}, {}
+    for layer in layers:
+        C0 = covariances[layer].to(device=adapter.device, dtype=torch.float32)
+        U, S, _ = torch.linalg.svd(C0, full_matrices=False)
+        U0 = U[:, S < hparams.nullspace_threshold]
+        P[layer] = U0 @ U0.T
+        cache[layer] = torch.zeros_like(C0)
+
+    def update(layer, K, R):
+        dW = alphaedit_dense_reference(P[layer], K.float(), R.float(), hparams.L2, cache[layer])
+        W = adapter.weight(layer)
+        W.add_(dW.to(W.dtype))
+
+    edited = (layers[0], layers[-1]) if blue else tuple(layers)
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start:start + batch_size]
+        if blue:
+            for layer in edited:
+                z, _, _ = vstar_one_at_a_time(model, tokenizer, adapter, batch, layer, templates=templates,
+                                              hparams=vparams)
+                K = compute_keys(model, tokenizer, adapter, batch, [layer], templates=templates)[layer]
+                cur = block_outputs_at_lookup(model, tokenizer, adapter, batch, layer)
+                update(layer, K, (z - cur).T)
+        else:
+            z, _, _ = vstar_one_at_a_time(model, tokenizer, adapter, batch, layers[-1], templates=templates,
+                                          hparams=vparams)
+            for i, layer in enumerate(layers):
+                K = compute_keys(model, tokenizer, adapter, batch, [layer], templates=templates)[layer]
+                cur = block_outputs_at_lookup(model, tokenizer, adapter, batch, layers[-1])
+                update(layer, K, (z - cur).T / (len(layers) - i))
+        for layer in edited:
+            K = compute_keys(model, tokenizer, adapter, batch, [layer], templates=templates)[layer].float()
+            cache[layer] += K @ K.T
+    return model

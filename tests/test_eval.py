@@ -78,6 +78,8 @@ def test_target_scores_chunks_and_errors(tok):
     a = target_scores(model, tok, PROMPTS, TARGETS, batch_size=3)
     b = target_scores(model, tok, PROMPTS, TARGETS, batch_size=64)
     assert torch.allclose(a[0], b[0], rtol=1e-12, atol=0)
+    c = target_scores(model, tok, PROMPTS, TARGETS, batch_size=64, max_chunk_tokens=12)  # a token budget
+    assert torch.allclose(c[0], b[0], rtol=1e-12, atol=0) and torch.equal(c[1], b[1])
     with pytest.raises(InputError, match="targets"):
         encode_pairs(tok, PROMPTS, TARGETS[:2])
     with pytest.raises(InputError, match="target 1"):

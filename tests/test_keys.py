@@ -100,3 +100,17 @@ def test_float32_model_gives_float32_and_bad_inputs():
     model.train()
     with pytest.raises(InputError, match="eval"):
         compute_keys(model, tok, ad, REQUESTS, [1], templates=[["{}"]])
+
+
+def test_token_budget_chunks_give_the_same_reads():
+    model, tok, ad, seed = _setup("llama")
+    tpl = [["{}"], ["Paris is in Italy. {}", "The guitar. {}"]]
+    reqs = REQUESTS * 3
+    whole = compute_keys(model, tok, ad, reqs, [1, 2], templates=tpl, max_chunk_tokens=10 ** 6)
+    small = compute_keys(model, tok, ad, reqs, [1, 2], templates=tpl, max_chunk_tokens=40)
+    for layer in (1, 2):
+        assert_close(small[layer], whole[layer], 1e-12, f"seed {seed} keys layer {layer}")
+    h = block_outputs_at_lookup(model, tok, ad, reqs, 2, max_chunk_tokens=10 ** 6)
+    assert_close(block_outputs_at_lookup(model, tok, ad, reqs, 2, max_chunk_tokens=12), h, 1e-12, f"seed {seed}")
+    with pytest.raises(InputError, match="max_chunk_tokens"):
+        values_at_lookup(model, tok, ad, reqs, 2, max_chunk_tokens=-1)

@@ -156,3 +156,35 @@ def test_make_solver_rejects_unknown_methods_and_empty_null_spaces():
         make_solver("rome", C0, hp, 1)
     with pytest.raises(InputError, match="null-space threshold"):
         make_solver("alphaedit", C0, hp.replace(nullspace_threshold=0.5), 1)
+
+
+def test_the_chunk_budget_reaches_every_pass_and_changes_nothing(monkeypatch):
+    """EditParams.max_chunk_tokens bounds v*, the key pass and the residual reads; a budget that
+    splits the batch gives the same weights (float64), and the report counts the chunks."""
+    tok = W.tokenizer()
+    hp = presets.get("tiny", method="alphaedit", strategy="blue").replace(layers=(0, 1, 2), v_num_grad_steps=4)
+    budgets = []
+    for name in ("compute_targets", "compute_keys", "block_outputs_at_lookup", "values_at_lookup"):
+        real = getattr(methods_mod, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            budgets.append((_name, kwargs.get("max_chunk_tokens")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(methods_mod, name, spy)
+    deltas, reports = [], []
+    for budget in (None, 60):
+        model = W.model("llama", dtype=torch.float64)
+        stats = W.covariances(model, hp.layers)
+        editor = Editor(model, tok, method="alphaedit", strategy="blue", hparams=hp.replace(max_chunk_tokens=budget),
+                        stats=stats, progress=False)
+        reports.append(editor.edit(W.REQUESTS + W.MORE_REQUESTS, batch_size=100).to_dict())
+        deltas.append({l: editor.adapter.weight(l) - (editor._originals[l].T if editor.adapter.transposed
+                                                      else editor._originals[l]) for l in editor.edit_layers})
+    assert {b for _, b in budgets[len(budgets) // 2:]} == {60} and len({n for n, _ in budgets}) == 3
+    vstar = reports[1]["batches"][0]["vstar"]
+    assert all(v["chunks"] > 1 for v in vstar.values()) and reports[0]["batches"][0]["vstar"]["0"]["chunks"] == 1
+    for l in deltas[0]:
+        assert_close(deltas[1][l], deltas[0][l], 1e-9, f"ΔW of layer {l} in chunks")
+    with pytest.raises(InputError, match="max_chunk_tokens"):
+        hp.replace(max_chunk_tokens=0)

@@ -75,22 +75,27 @@ def test_batched_equals_one_at_a_time_and_the_reference_loop(arch):
     assert (t.delta.norm(dim=1) / t.h_init.norm(dim=1)).max() <= 0.3 * (1 + 1e-12)
 
 
-def test_cache_is_rebuilt_for_the_running_edits():
+@pytest.mark.parametrize("suffix", [False, True])
+def test_cache_is_rebuilt_for_the_running_edits(suffix):
     model, tok, ad, tpl, seed = _setup("gpt2", templates=1)
     reqs, steps = REQUESTS[:4], 4
     first = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=VStarParams(1, loss_stop=0.0))
     top2 = first.loss.topk(2).values
     # All but the edit with the highest initial loss stop at once: from iteration 1 on, one edit of
-    # four runs, so the replay cache is rebuilt for it alone (one more no-grad model forward).
+    # four runs, so the replay cache is recorded again for it alone.
     hp = VStarParams(steps, loss_stop=float(top2.mean()))
     forwards = []
     handle = model.register_forward_pre_hook(lambda *a: forwards.append(1))
     try:
-        t = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp)
+        t = compute_targets(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp, suffix=suffix)
     finally:
         handle.remove()
+    assert t.path == ("suffix" if suffix else "replay")
     assert sorted(t.steps.tolist())[:3] == [0, 0, 0] and t.steps.max() > 0
-    assert len(forwards) == 3  # the readout check, the first recording, the rebuilt one
+    # the readout check; the first recording (iteration 0's forward) and the one for the running
+    # edit. The suffix path checks itself on one edit first (a full forward, then the prefix and
+    # suffix passes) and each of its recordings is two passes (prefix, suffix).
+    assert len(forwards) == (1 + 3 + 2 + 2 if suffix else 3)
     z_ref, steps_ref, _ = _baselines().vstar_one_at_a_time(model, tok, ad, reqs, LAYER, templates=tpl, hparams=hp)
     assert t.steps.tolist() == steps_ref.tolist()
     assert_close(t.z, z_ref, 1e-6, f"seed {seed} rebuilt cache")
@@ -243,3 +248,120 @@ def test_bad_inputs_and_failures():
     finally:
         handle.remove()
     assert all(p.requires_grad for p in model.parameters())
+
+
+RAGGED = REQUESTS[:3] + [  # long and short prompts and targets: chunks of different widths
+    Request("In the old town of Rome, the guitar of {} is", "Toko Yasuda", "Michael Jordan of Paris"),
+    Request("{} is", "Italy", "Rome"),
+]
+
+
+def _gemma2(seed):
+    import transformers
+
+    cfg = transformers.Gemma2Config(vocab_size=97, hidden_size=48, intermediate_size=112, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                    max_position_embeddings=128, final_logit_softcapping=30.0,
+                                    attn_logit_softcapping=50.0, initializer_range=0.2)
+    torch.manual_seed(seed)
+    return transformers.Gemma2ForCausalLM(cfg).to(torch.float64).eval()
+
+
+# Gemma 2's eager attention takes its softmax in float32 even for a float64 model, so two batch
+# layouts of it agree to float32 rounding only.
+SUFFIX_ARCHS = {"gpt2": 1e-9, "llama": 1e-9, "gemma2": 2e-5}
+
+
+@pytest.mark.parametrize("arch", list(SUFFIX_ARCHS))
+def test_suffix_path_equals_the_full_model(arch):
+    """The suffix-only replay (prefix key/value cache, lookup-aligned layout) against the whole
+    model run every step with a hook (replay=False): same steps, same z, also in chunks and
+    with checkpointed blocks; a Gemma 2 model (post-MLP norm, soft-capped logits) included."""
+    if arch == "gemma2":
+        seed = int.from_bytes(os.urandom(2), "little")
+        model, tok = _gemma2(seed), tiny_tokenizer(bos=True)
+        ad, tpl = get_adapter(model), [["{}"], ["Paris is in Italy. {}", "The guitar. {}"]]
+    else:
+        model, tok, ad, tpl, seed = _setup(arch, templates=2)
+    hp = VStarParams(3, clamp_norm_factor=0.3, loss_stop=0.0)
+    full = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp, replay=False)
+    tol, what = SUFFIX_ARCHS[arch], f"{arch} seed {seed}"
+    one = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp, max_chunk_tokens=10 ** 6)
+    assert one.path == "suffix" and one.chunks == 1 and full.path == "hook", what
+    assert one.steps.tolist() == full.steps.tolist(), what
+    assert_close(one.z, full.z, tol, what)
+    assert_close(one.v0, full.v0, tol, what)
+    assert_close(one.loss, full.loss, tol, what)
+    # Chunks of about two edits, blocks recomputed in the backward pass.
+    per_edit = len(flatten(tpl)) + 1
+    chunked = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp, checkpoint=True,
+                              max_chunk_tokens=2 * per_edit * 24)
+    assert chunked.chunks >= 3, (what, chunked.chunks)
+    assert chunked.steps.tolist() == full.steps.tolist(), what
+    assert_close(chunked.z, full.z, tol, what)
+
+
+def test_chunks_are_independent_bit_for_bit():
+    """Each chunk is optimised on its own: chunked v* gives, bit for bit, what each chunk gives
+    alone, and within float64 rounding what one chunk of every edit gives (other batch shapes
+    round differently in the matmuls and the attention; nothing else differs)."""
+    model, tok, ad, tpl, seed = _setup("llama", templates=2)
+    hp = VStarParams(4, clamp_norm_factor=0.3, loss_stop=0.0)
+    per_edit = len(flatten(tpl)) + 1
+    budget = 2 * per_edit * 26
+    chunked = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp, max_chunk_tokens=budget)
+    whole = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp, max_chunk_tokens=10 ** 6)
+    assert chunked.chunks >= 3 and whole.chunks == 1
+    assert chunked.steps.tolist() == whole.steps.tolist()
+    assert_close(chunked.z, whole.z, 1e-12, f"seed {seed}")
+    assert_close(chunked.loss, whole.loss, 1e-12, f"seed {seed}")
+    from fastedit.editing.tokens import encode_rows, length_chunks
+
+    # The same packing by hand: run each chunk's edits alone, in the packing's order.
+    texts, subjects, appended = [], [], []
+    for r in RAGGED:
+        t = target_ids(tok, r.target_new)
+        for tmpl in flatten(tpl):
+            texts.append(tmpl.replace("{}", r.prompt, 1))
+            subjects.append(r.subject)
+            appended.append(t[:-1])
+        texts.append(KL_PROMPT)
+        subjects.append(r.subject)
+        appended.append([])
+    rows = encode_rows(tok, texts, subjects, appended=appended)
+    P = per_edit
+    widths = [(max(rows.lookup[e * P:(e + 1) * P]),
+               max(len(rows.ids[e * P + p]) - rows.lookup[e * P + p] for p in range(P))) for e in range(len(RAGGED))]
+    groups = length_chunks(widths, budget, group=P)
+    assert len(groups) == chunked.chunks
+    for g in groups:
+        alone = compute_targets(model, tok, ad, [RAGGED[i] for i in g], LAYER, templates=tpl, hparams=hp,
+                                max_chunk_tokens=10 ** 6)
+        for field in ("z", "delta", "h_init", "v0", "loss", "nll", "steps"):
+            assert torch.equal(getattr(chunked, field)[g], getattr(alone, field)), (field, g, seed)
+    # Checkpointing recomputes the same blocks: bit for bit the same.
+    ckpt = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp, max_chunk_tokens=budget,
+                           checkpoint=True)
+    assert torch.equal(ckpt.z, chunked.z) and torch.equal(ckpt.loss, chunked.loss)
+
+
+def test_suffix_path_falls_back_to_the_whole_replay(monkeypatch):
+    """A model the prefix cache cannot serve (here: a cache that fails) gets the whole-batch
+    replay, with the same result, and the result says so."""
+    import fastedit.editing.targets as targets
+
+    model, tok, ad, tpl, seed = _setup("gpt2", templates=1)
+    hp = VStarParams(3, loss_stop=0.0)
+    ok = compute_targets(model, tok, ad, REQUESTS[:3], LAYER, templates=tpl, hparams=hp)
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise TypeError("this model takes no cache")
+
+    monkeypatch.setattr(targets, "PrefixCache", Broken)
+    back = compute_targets(model, tok, ad, REQUESTS[:3], LAYER, templates=tpl, hparams=hp)
+    assert ok.path == "suffix" and back.path == "replay"
+    assert back.steps.tolist() == ok.steps.tolist()
+    assert_close(back.z, ok.z, 1e-10, f"seed {seed}")
+    with pytest.raises(InputError, match="max_chunk_tokens"):
+        compute_targets(model, tok, ad, REQUESTS[:1], LAYER, templates=tpl, max_chunk_tokens=0)

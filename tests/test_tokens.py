@@ -97,3 +97,37 @@ def test_bad_inputs_are_refused():
 
     with pytest.raises(InputError, match="fast"):
         encode_with_lookup(Slow(), "{} is", "Paris")
+
+
+def test_lookup_layout_and_length_chunks():
+    """The 'lookup' layout puts every lookup token in one column with the padding inside the
+    row, before the lookup token; a float64 forward gives the same values as right padding."""
+    from fastedit.editing.tokens import encode_rows, length_chunks
+
+    tok = tiny_tokenizer(bos=True)
+    rows = encode_rows(tok, [p for p, _ in CASES], [s for _, s in CASES], appended=[[5, 6]] * len(CASES))
+    right = rows.pad(side="right", pad_id=0)
+    mid = rows.pad(side="lookup", pad_id=0)
+    assert len(set(mid.lookup.tolist())) == 1 and len(set(right.lookup.tolist())) > 1
+    for b in range(len(CASES)):
+        real = mid.input_ids[b][mid.attention_mask[b].bool()]
+        assert real.tolist() == rows.ids[b]
+        assert mid.input_ids[b, mid.lookup[b]] == rows.ids[b][rows.lookup[b]]
+        assert mid.prompt_last[b] - mid.lookup[b] == rows.prompt_last[b] - rows.lookup[b]
+        assert mid.attention_mask[b, 0] == 1  # no row starts with padding
+    model = tiny_model("llama", dtype=torch.float64, seed=1)
+    with torch.no_grad():
+        a = model(**right.inputs()).logits
+        c = model(**mid.inputs()).logits
+    for b in range(len(CASES)):
+        torch.testing.assert_close(c[b][mid.attention_mask[b].bool()], a[b][right.attention_mask[b].bool()],
+                                   rtol=1e-12, atol=1e-12)
+
+    widths = [(3, 5), (0, 9), (2, 4), (7, 1), (1, 5), (0, 30)]
+    chunks = length_chunks(widths, 40, group=2)
+    assert sorted(i for c in chunks for i in c) == list(range(len(widths)))
+    for c in chunks:
+        cost = 2 * len(c) * (max(widths[i][0] for i in c) + max(widths[i][1] for i in c))
+        assert cost <= 40 or len(c) == 1
+    assert [5] in chunks  # larger than the budget: alone
+    assert length_chunks(widths, None) == [list(range(len(widths)))]

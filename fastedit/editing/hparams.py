@@ -36,6 +36,12 @@ class EditParams:
         nas_trim_quantile: the anchor's mean leaves out the ⌊(1 − nas_trim_quantile)·m⌋ largest of m norms.
         nas_seed: seed of the random choice of the anchor sample when more are given.
         context_n, context_length: number and token length of generated context prefixes.
+        max_chunk_tokens: memory budget of v*, the key pass and the residual reads, in padded
+            token positions per chunk (None: from the device's free memory, or a fixed budget on
+            the CPU: :func:`fastedit.editing.tokens.default_max_tokens`). Chunking does not
+            change results; a batch of any size runs in the memory of one chunk.
+        vstar_checkpoint: recompute the blocks v* replays in its backward pass instead of keeping
+            their activations (less memory per chunk, about a third more v* compute; same values).
     """
 
     layers: tuple = (4, 5, 6, 7, 8)
@@ -56,6 +62,8 @@ class EditParams:
     nas_seed: int = 0
     context_n: int = 5
     context_length: int = 10
+    max_chunk_tokens: int | None = None
+    vstar_checkpoint: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -78,6 +86,10 @@ class EditParams:
                 raise InputError(f"EditParams.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.v_num_grad_steps < 1 or self.nas_sample_size < 1:
             raise InputError("EditParams.v_num_grad_steps and nas_sample_size must be >= 1")
+        if self.max_chunk_tokens is not None and (isinstance(self.max_chunk_tokens, bool) or not
+                                                  isinstance(self.max_chunk_tokens, int) or self.max_chunk_tokens < 1):
+            raise InputError(f"EditParams.max_chunk_tokens must be a positive integer or None, got "
+                             f"{self.max_chunk_tokens!r}")
         if not 0 < self.rect_keep <= 1:
             raise InputError(f"EditParams.rect_keep must be in (0, 1], got {self.rect_keep!r}")
         if not 0 < self.nas_trim_quantile <= 1:

@@ -4,8 +4,8 @@
 - Values m (d): the output of the rewrite module.
 - Block outputs h (d): the residual stream after a block.
 
-Each function runs one batched forward pass per chunk of requests, stopped right after the
-highest module it reads (nothing above is computed), and gathers the lookup token of each row
+Each function runs one batched forward pass per chunk of prompts (grouped by length, sized by a
+token budget), stopped right after the highest module it reads (nothing above is computed), and gathers the lookup token of each row
 inside the hook so that no full activation tensor is kept. Results are float32 (float64 for a
 float64 model); the solvers convert to float64 themselves.
 """
@@ -18,7 +18,8 @@ import torch
 
 from fastedit.editing.context import check_templates, flatten
 from fastedit.editing.requests import Request, validate_requests
-from fastedit.editing.tokens import TokenBatch, encode_prompts
+from fastedit.editing.tokens import (TokenBatch, check_max_tokens, default_max_tokens, encode_rows, length_chunks,
+                                     pad_token_id)
 from fastedit.errors import InputError
 from fastedit.models import ModelAdapter, forward_until
 from fastedit.models.hooks import _hidden
@@ -54,20 +55,34 @@ def _gather_lookup(adapter: ModelAdapter, reads: dict, batch: TokenBatch) -> Ite
 
 
 def _read(model, tokenizer, adapter: ModelAdapter, texts: list[str], subjects: list[str], reads: dict, stop,
-          *, padding_side, chunk_rows: int | None) -> dict:
-    """Run the texts (chunked by rows) and concatenate what ``reads`` gathered per chunk."""
+          *, padding_side, chunk_rows: int | None, max_tokens: int | None) -> dict:
+    """Run the texts in chunks and return what ``reads`` gathered, rows in the texts' order.
+
+    Chunks hold at most ``chunk_rows`` rows and ``max_tokens`` padded token positions (default
+    :func:`default_max_tokens` of a forward without gradient); rows are grouped by length, so
+    a chunk pads little. Only the gathered rows are kept between chunks.
+    """
     require_eval(model)
+    check_max_tokens(max_tokens)
+    side = padding_side or getattr(tokenizer, "padding_side", "right")
+    if side not in ("left", "right"):
+        raise InputError(f"padding_side must be 'left' or 'right', got {side!r}")
+    rows = encode_rows(tokenizer, texts, subjects)
+    if max_tokens is None:
+        max_tokens = default_max_tokens(adapter)
+    chunks = [c[i:i + (chunk_rows or len(c))] for c in length_chunks([(0, len(r)) for r in rows.ids], max_tokens)
+              for i in range(0, len(c), chunk_rows or len(c))]
+    pad_id = pad_token_id(tokenizer)
     out: dict = {name: [] for name in reads}
-    step = chunk_rows or len(texts)
-    for start in range(0, len(texts), step):
-        batch = encode_prompts(tokenizer, texts[start:start + step], subjects[start:start + step],
-                               padding_side=padding_side, device=adapter.device)
+    for idx in chunks:
+        batch = rows.pad(idx, side=side, pad_id=pad_id, device=adapter.device)
         with torch.no_grad(), _gather_lookup(adapter, reads, batch) as got:
             forward_until(model, stop, **batch.inputs())
         for name in reads:
             out[name].append(got[name])
     dtype = torch.promote_types(adapter.dtype, torch.float32)
-    return {name: torch.cat(parts).to(dtype) for name, parts in out.items()}
+    back = torch.argsort(torch.tensor([i for c in chunks for i in c])).to(adapter.device)
+    return {name: torch.cat(parts).index_select(0, back).to(dtype) for name, parts in out.items()}
 
 
 def _check_chunk(chunk_size) -> None:
@@ -77,14 +92,15 @@ def _check_chunk(chunk_size) -> None:
 
 def compute_keys(model, tokenizer, adapter: ModelAdapter, requests: Sequence[Request], layers: Sequence[int], *,
                  templates: list[list[str]], padding_side: str | None = None,
-                 chunk_size: int | None = None) -> dict[int, torch.Tensor]:
+                 chunk_size: int | None = None, max_chunk_tokens: int | None = None) -> dict[int, torch.Tensor]:
     """Keys K_l (d_k, n) of each layer l in ``layers``, averaged over the context templates.
 
     For request i, k_i = mean over template groups g of (mean over templates t in g of the
     rewrite-module input at the lookup token of ``t`` applied to the request's prompt). With the
     standard templates [["{}"], [n generated]] that is ½·k(bare prompt) + ½·mean(k(contexts))
-    (ALGORITHMS.md section 11). One forward pass (per ``chunk_size`` requests) serves all
-    layers, stopped after the highest layer's rewrite module.
+    (ALGORITHMS.md section 11). One forward pass per chunk serves all layers, stopped after the
+    highest layer's rewrite module; chunks hold at most ``chunk_size`` requests' prompts and
+    ``max_chunk_tokens`` padded token positions (default from the device's memory).
     """
     validate_requests(requests)
     groups = check_templates(templates)
@@ -97,7 +113,8 @@ def compute_keys(model, tokenizer, adapter: ModelAdapter, requests: Sequence[Req
     subjects = [r.subject for r in requests for _ in flat]
     reads = {layer: (adapter.rewrite_module(layer), True) for layer in set(layers)}
     got = _read(model, tokenizer, adapter, texts, subjects, reads, adapter.rewrite_module(max(layers)),
-                padding_side=padding_side, chunk_rows=chunk_size and chunk_size * len(flat))
+                padding_side=padding_side, chunk_rows=chunk_size and chunk_size * len(flat),
+                max_tokens=max_chunk_tokens)
     bounds = torch.tensor([0] + [len(g) for g in groups]).cumsum(0).tolist()
     out = {}
     for layer in layers:
@@ -108,24 +125,28 @@ def compute_keys(model, tokenizer, adapter: ModelAdapter, requests: Sequence[Req
 
 
 def block_outputs_at_lookup(model, tokenizer, adapter: ModelAdapter, requests: Sequence[Request], layer: int, *,
-                            padding_side: str | None = None, chunk_size: int | None = None) -> torch.Tensor:
+                            padding_side: str | None = None, chunk_size: int | None = None,
+                            max_chunk_tokens: int | None = None) -> torch.Tensor:
     """h (n, d): block ``layer``'s output (the residual stream, ``hidden_states[layer + 1]``) at the
     lookup token of each request's bare prompt (MEMIT's ``cur`` in R = z − cur)."""
     validate_requests(requests)
     _check_chunk(chunk_size)
     block = adapter.block(layer)
     got = _read(model, tokenizer, adapter, [r.prompt for r in requests], [r.subject for r in requests],
-                {"h": (block, False)}, block, padding_side=padding_side, chunk_rows=chunk_size)
+                {"h": (block, False)}, block, padding_side=padding_side, chunk_rows=chunk_size,
+                max_tokens=max_chunk_tokens)
     return got["h"]
 
 
 def values_at_lookup(model, tokenizer, adapter: ModelAdapter, requests: Sequence[Request], layer: int, *,
-                     padding_side: str | None = None, chunk_size: int | None = None) -> torch.Tensor:
+                     padding_side: str | None = None, chunk_size: int | None = None,
+                     max_chunk_tokens: int | None = None) -> torch.Tensor:
     """v0 (n, d): the rewrite module's output at the lookup token of each request's bare prompt
     (NAS: v* = v0 + δ; the same as :attr:`Targets.v0` on the same model)."""
     validate_requests(requests)
     _check_chunk(chunk_size)
     module = adapter.rewrite_module(layer)
     got = _read(model, tokenizer, adapter, [r.prompt for r in requests], [r.subject for r in requests],
-                {"v": (module, False)}, module, padding_side=padding_side, chunk_rows=chunk_size)
+                {"v": (module, False)}, module, padding_side=padding_side, chunk_rows=chunk_size,
+                max_tokens=max_chunk_tokens)
     return got["v"]

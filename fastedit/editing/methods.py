@@ -195,9 +195,11 @@ class BatchRun:
         z = h_init + δ, unscaled.
         """
         t = self._timed("targets", compute_targets, self.model, self.tok, self.adapter, self.kept_requests, layer,
-                        templates=self.templates, hparams=self.vparams)
+                        templates=self.templates, hparams=self.vparams, max_chunk_tokens=self.hparams.max_chunk_tokens,
+                        checkpoint=self.hparams.vstar_checkpoint)
         rec = {"steps": _tolist(t.steps), "loss": _tolist(t.loss), "nll": _tolist(t.nll),
-               "delta_norm": _tolist(t.delta.to(torch.float64).norm(dim=-1)), "requests": list(self.kept)}
+               "delta_norm": _tolist(t.delta.to(torch.float64).norm(dim=-1)), "requests": list(self.kept),
+               "chunks": t.chunks, "path": t.path}
         self.vstar[layer] = rec
         values = self.value_space(layer)
         z = (t.v0.to(torch.float64) + t.delta.to(torch.float64)) if values else t.z.to(torch.float64)
@@ -221,14 +223,15 @@ class BatchRun:
 
     def keys(self, layer: int) -> torch.Tensor:
         K = self._timed("keys", compute_keys, self.model, self.tok, self.adapter, self.kept_requests, [layer],
-                        templates=self.templates)[layer]
+                        templates=self.templates, max_chunk_tokens=self.hparams.max_chunk_tokens)[layer]
         return K.to(torch.float64)
 
     def current(self, layer: int) -> torch.Tensor:
         """The block output at ``layer`` and each kept request's lookup token, (n_kept, d) float64
         (the rewrite module's output there where :meth:`value_space`)."""
         read = values_at_lookup if self.value_space(layer) else block_outputs_at_lookup
-        cur = self._timed("residual", read, self.model, self.tok, self.adapter, self.kept_requests, layer)
+        cur = self._timed("residual", read, self.model, self.tok, self.adapter, self.kept_requests, layer,
+                          max_chunk_tokens=self.hparams.max_chunk_tokens)
         # On the device the targets z live on (the inputs'), whatever device this block is on.
         return cur.to(device=self.adapter.device, dtype=torch.float64)
 

@@ -41,6 +41,7 @@ the cache is rebuilt for the running ones only. No model parameter receives a gr
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -49,10 +50,11 @@ import torch
 from fastedit.editing.context import check_templates, flatten
 from fastedit.editing.keys import require_eval
 from fastedit.editing.requests import Request, validate_requests
-from fastedit.editing.tokens import TokenBatch, encode_prompts, target_ids
+from fastedit.editing.tokens import (EncodedRows, TokenBatch, check_max_tokens, default_max_tokens, encode_rows,
+                                     length_chunks, pad_token_id, target_ids)
 from fastedit.errors import EditError, FastEditError, InputError
 from fastedit.models import ModelAdapter, capture, edit_output, forward_until
-from fastedit.models.replay import logits_from_hidden, record_blocks
+from fastedit.models.replay import PrefixCache, logits_from_hidden, record_blocks
 
 KL_PROMPT = "{} is a"
 ADAM_BETAS = (0.9, 0.999)
@@ -101,6 +103,8 @@ class Targets:
     z, h_init, delta, v0: (n, d), z = h_init + delta (h_init + post(v0 + δ) − post(v0) with a
     post-MLP norm). steps: (n,) Adam steps taken.
     loss, nll: (n,) total loss and target NLL at the last evaluation (the one that stopped).
+    chunks: how many chunks were optimised one after another; path: ``suffix``, ``replay`` or
+    ``hook`` (``_Run``).
     """
 
     layer: int
@@ -111,6 +115,8 @@ class Targets:
     steps: torch.Tensor
     loss: torch.Tensor
     nll: torch.Tensor
+    chunks: int = 1
+    path: str = "replay"
 
 
 def _work_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -118,38 +124,29 @@ def _work_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 
 class _Chunk:
-    """The prompts of a set of edits, tokenised once, and where their loss is read."""
+    """The prompts of a set of edits (tokenised rows, ``per_edit`` per edit), padded once, and
+    where their loss is read."""
 
-    def __init__(self, tokenizer, requests: Sequence[Request], targets: Sequence[list[int]], flat: list[str],
-                 padding_side, device):
-        self.m = len(requests)
-        self.per_edit = len(flat) + 1
-        texts, subjects, appended = [], [], []
-        for r, t in zip(requests, targets):
-            for template in flat:
-                texts.append(template.replace("{}", r.prompt, 1))
-                subjects.append(r.subject)
-                appended.append(t[:-1])
-            texts.append(KL_PROMPT)
-            subjects.append(r.subject)
-            appended.append([])
-        self.batch = encode_prompts(tokenizer, texts, subjects, appended=appended, padding_side=padding_side,
-                                    device=device)
-        P = self.per_edit
+    def __init__(self, rows: EncodedRows, targets: Sequence[list[int]], per_edit: int, side: str, pad_id: int,
+                 device):
+        self.m = len(targets)
+        self.per_edit = P = per_edit
+        self.batch = rows.pad(side=side, pad_id=pad_id, device=device)
+        self.pad_id = pad_id
         self.row_edit = torch.arange(self.m, device=device).repeat_interleave(P)
         # Target token k of a context row is predicted at prompt_last + k; each token's NLL is
         # weighted by 1 / (tokens · context prompts), giving the mean over tokens then prompts.
-        rows, pos, labels, weights = [], [], [], []
+        rows_, pos, labels, weights = [], [], [], []
         prompt_last = self.batch.prompt_last.tolist()
         for e, t in enumerate(targets):
             for p in range(P - 1):
                 row = e * P + p
                 start = prompt_last[row]
-                rows += [row] * len(t)
+                rows_ += [row] * len(t)
                 pos += range(start, start + len(t))
                 labels += t
                 weights += [1.0 / (len(t) * (P - 1))] * len(t)
-        self.tok_row = torch.tensor(rows, device=device)
+        self.tok_row = torch.tensor(rows_, device=device)
         self.tok_pos = torch.tensor(pos, device=device)
         self.tok_label = torch.tensor(labels, device=device)
         self.tok_weight = torch.tensor(weights, dtype=torch.float64, device=device)
@@ -161,18 +158,24 @@ class _Chunk:
 
 
 class _View:
-    """The part of a chunk restricted to some edits: batch rows and readout indices into them."""
+    """The part of a chunk restricted to some edits: batch rows (columns that are padding in
+    every selected row dropped) and readout indices into them."""
 
     def __init__(self, chunk: _Chunk, edits: torch.Tensor):
         self.edits = edits
         rows = chunk.rows_of(edits)
-        self.batch: TokenBatch = chunk.batch.select(rows)
+        batch: TokenBatch = chunk.batch.select(rows)
+        real = batch.attention_mask.any(0).nonzero()[:, 0]
+        lo, hi = int(real[0]), int(real[-1]) + 1
+        self.batch = TokenBatch(batch.input_ids[:, lo:hi], batch.attention_mask[:, lo:hi],
+                                batch.position_ids[:, lo:hi], batch.lookup - lo, batch.prompt_last - lo)
         local = torch.full((len(chunk.batch),), -1, dtype=torch.long, device=rows.device)
         local[rows] = torch.arange(len(rows), device=rows.device)
         keep = local[chunk.tok_row] >= 0
+        self.rows = rows
         self.row_edit = chunk.row_edit[rows]
         self.tok_row = local[chunk.tok_row[keep]]
-        self.tok_pos = chunk.tok_pos[keep]
+        self.tok_pos = chunk.tok_pos[keep] - lo
         self.tok_label = chunk.tok_label[keep]
         self.tok_weight = chunk.tok_weight[keep]
         self.tok_edit = chunk.row_edit[chunk.tok_row[keep]]
@@ -203,73 +206,129 @@ def _check_readout(model, adapter: ModelAdapter, batch: TokenBatch) -> None:
                             "use a model whose adapter has that output path")
 
 
+PATHS = ("suffix", "replay", "hook")
+
+
 class _Run:
-    """One chunk's optimisation."""
+    """One chunk's optimisation.
+
+    ``path``: how each iteration's forward is computed (all give the same values):
+      - ``suffix``: the batch is laid out with every row's lookup token in one column s (see
+        :meth:`EncodedRows.pad`); the columns before s, which δ cannot change, run once
+        (no gradient) into a key/value cache (:class:`PrefixCache`); each iteration replays
+        the blocks above ``layer`` on the columns from s on only, attending to that cache.
+      - ``replay``: block ``layer``'s output is cached over the whole batch and the blocks
+        above it are replayed with the recorded masks and position embeddings.
+      - ``hook``: the whole model runs every iteration, δ added by a forward hook.
+    The recording forward of the first two is itself an iteration's forward (δ added by a
+    hook), so no iteration is computed twice.
+    """
 
     def __init__(self, model, adapter: ModelAdapter, chunk: _Chunk, layer: int, last: int, hp: VStarParams,
-                 replay: bool):
+                 path: str, checkpointed: bool = False):
         self.model, self.adapter, self.chunk = model, adapter, chunk
-        self.layer, self.last, self.hp, self.replay = layer, last, hp, replay
+        self.layer, self.last, self.hp, self.path = layer, last, hp, path
+        self.checkpointed = checkpointed
         self.dtype = _work_dtype(adapter.dtype)
         self.replayer = None
+        self.prefix: PrefixCache | None = None
+        self.cached = None
         self.view: _View | None = None
+        self.p_init = None
+        self.forwards = 0
 
-    def record(self, edits: torch.Tensor, *, first: bool) -> None:
-        """No-gradient forward over the prompts of ``edits`` up to block ``last``: caches block
-        ``layer``'s output and the upper blocks' inputs; on the first call also h_init, v0 and
-        the initial KL-prompt distribution p_init."""
-        view = _View(self.chunk, edits)
-        ad, layer, last = self.adapter, self.layer, self.last
-        mods = {"h": ad.block(layer), "last": ad.block(last), "v": ad.rewrite_module(layer)}
-        with torch.no_grad(), capture(mods) as got:
-            if self.replay and last > layer:
-                with record_blocks(ad, layer + 1, last) as rec:
-                    forward_until(self.model, ad.block(last), **view.batch.inputs())
-                self.replayer = rec
-            else:
-                forward_until(self.model, ad.block(last), **view.batch.inputs())
-        self.view = view
-        self.cached = got["h"] if self.replay else None
-        if not first:
-            return
-        c, b = self.chunk, view.batch
-        self.h_init = got["h"][c.first_row, b.lookup[c.first_row]].to(self.dtype)
-        self.v0 = got["v"][c.first_row, b.lookup[c.first_row]].to(self.dtype)
-        # The rewrite module's output at every row's lookup token: where δ lands (block_offset).
-        self.m_rows = got["v"][torch.arange(len(b), device=b.lookup.device), b.lookup].to(self.dtype)
-        self.p_init = _log_probs(ad, got["last"][view.kl_row, view.kl_pos], self.dtype)
+    def _add(self, delta: torch.Tensor, m_rows: torch.Tensor, shape, lookup: torch.Tensor) -> torch.Tensor:
+        """The (B, T, d) offset of block ``layer``'s output: the block offset of δ at each row's
+        lookup token, zero elsewhere."""
+        ad = self.adapter
+        d_rows = ad.block_offset(self.layer, m_rows, delta[self.view.row_edit]).to(ad.dtype)
+        add = torch.zeros((*shape, ad.d), dtype=ad.dtype, device=delta.device)
+        return add.index_put((torch.arange(shape[0], device=delta.device), lookup), d_rows)
+
+    def _record(self, delta: torch.Tensor) -> torch.Tensor:
+        """The recording forward over the current view with δ added: returns block ``last``'s
+        output and, for the replay paths, keeps what the next iterations replay from."""
+        ad, layer, last, view = self.adapter, self.layer, self.last, self.view
+        b = view.batch
+        split = 0
+        if self.path == "suffix" and int(b.lookup.min()) > 0:
+            split = int(b.lookup.min())
+            self.prefix = PrefixCache(self.model, ad, last, b.input_ids[:, :split], b.attention_mask[:, :split],
+                                      b.position_ids[:, :split])
+            inputs = dict(input_ids=b.input_ids[:, split:], attention_mask=b.attention_mask,
+                          position_ids=b.position_ids[:, split:], **self.prefix.kwargs())
+        else:
+            inputs = b.inputs()
+        self.split = split
+        lookup = b.lookup - split
+        rows = torch.arange(len(b), device=lookup.device)
+        store = {}
+
+        def add_delta(h):
+            store["h"] = h.detach()
+            if not hasattr(self, "m_rows"):
+                self.m_rows = ad.as_tokens(got["v"], h.shape[:2])[rows, lookup].to(self.dtype)
+                self.h_init = h[self.chunk.first_row, lookup[self.chunk.first_row]].detach().to(self.dtype)
+                self.v0 = self.m_rows[self.chunk.first_row]
+            return h + self._add(delta, self.m_rows[view.rows], h.shape[:2], lookup)
+
+        replaying = self.path != "hook" and last > layer
+        with contextlib.ExitStack() as stack:
+            got = stack.enter_context(capture({"v": ad.rewrite_module(layer)}))
+            stack.enter_context(edit_output(ad.block(layer), add_delta))
+            out = stack.enter_context(capture({"last": ad.block(last)}, detach=False))
+            if replaying:
+                self.replayer = stack.enter_context(record_blocks(ad, layer + 1, last))
+            forward_until(self.model, ad.block(last), **inputs)
+        self.forwards += 1
+        if self.path != "hook":
+            self.cached = store["h"]
+        if split == 0:
+            self.prefix = None
+        if self.prefix is not None:
+            self.prefix.restore()
+        return out["last"]
+
+    def _replay(self, delta: torch.Tensor) -> torch.Tensor:
+        hidden = self.cached + self._add(delta, self.m_rows[self.view.rows], self.cached.shape[:2],
+                                         self.view.batch.lookup - self.split)
+        if self.last == self.layer:
+            return hidden
+        out = self.replayer.run(hidden, checkpointed=self.checkpointed)
+        if self.prefix is not None:
+            self.prefix.restore()
+        return out
 
     def use(self, edits: torch.Tensor) -> None:
-        """Restrict the following iterations to ``edits`` (the running ones). With replay the
-        cache is rebuilt only once at most half of the cached edits still run."""
-        if self.replay:
-            if 2 * len(edits) <= len(self.view.edits):
-                self.record(edits, first=False)
-        elif len(edits) < len(self.view.edits):
+        """Restrict the following iterations to ``edits`` (the running ones). The replay paths
+        record again (at the next forward) once at most half of the recorded edits still run."""
+        if self.view is None:
             self.view = _View(self.chunk, edits)
+        elif self.path == "hook":
+            if len(edits) < len(self.view.edits):
+                self.view = _View(self.chunk, edits)
+        elif 2 * len(edits) <= len(self.view.edits):
+            self.view = _View(self.chunk, edits)
+            self.cached = None
+
+    def backward_ready(self) -> None:
+        """Before a backward through checkpointed blocks: they recompute against the prefix."""
+        if self.prefix is not None:
+            self.prefix.restore()
 
     def losses(self, delta: torch.Tensor):
         """Per-edit (loss, nll) of the current view's edits, as (m,) tensors (0 elsewhere)."""
         view, ad = self.view, self.adapter
-        b = view.batch
-        rows = self.chunk.rows_of(view.edits)
-        d_rows = ad.block_offset(self.layer, self.m_rows[rows], delta[view.row_edit]).to(ad.dtype)
-        width = b.input_ids.shape[1]
-        add = torch.zeros((len(b), width, ad.d), dtype=ad.dtype, device=delta.device)
-        add = add.index_put((torch.arange(len(b), device=delta.device), b.lookup), d_rows)
-        if self.replay:
-            hidden = self.cached + add
-            h_last = self.replayer.run(hidden) if self.last > self.layer else hidden
-        else:
-            with edit_output(ad.block(self.layer), lambda h: h + add), \
-                    capture({"last": ad.block(self.last)}, detach=False) as got:
-                forward_until(self.model, ad.block(self.last), **b.inputs())
-            h_last = got["last"]
+        h_last = self._replay(delta) if self.cached is not None else self._record(delta)
+        off = self.split if self.path == "suffix" else 0
         m = self.chunk.m
-        logp = _log_probs(ad, h_last[view.tok_row, view.tok_pos], self.dtype)
+        logp = _log_probs(ad, h_last[view.tok_row, view.tok_pos - off], self.dtype)
         tok_nll = -logp.gather(1, view.tok_label[:, None])[:, 0] * view.tok_weight.to(self.dtype)
         nll = torch.zeros(m, dtype=self.dtype, device=delta.device).index_add(0, view.tok_edit, tok_nll)
-        logq = _log_probs(ad, h_last[view.kl_row, view.kl_pos], self.dtype)
+        logq = _log_probs(ad, h_last[view.kl_row, view.kl_pos - off], self.dtype)
+        if self.p_init is None:
+            # the first forward runs at δ = 0 over every edit: its distribution is p_init
+            self.p_init = logq.detach()
         kl_rows = (logq.exp() * (logq - self.p_init[view.edits])).sum(-1)
         kl = torch.zeros(m, dtype=self.dtype, device=delta.device).index_add(0, view.edits, kl_rows)
         decay = self.hp.v_weight_decay * delta.norm(dim=-1) / self.h_init.norm(dim=-1) ** 2
@@ -279,7 +338,6 @@ class _Run:
 def _optimise(run: _Run, indices: list[int], bar) -> tuple:
     hp, m = run.hp, run.chunk.m
     device = run.adapter.device
-    run.record(torch.arange(m, device=device), first=True)
     delta = torch.zeros((m, run.adapter.d), dtype=run.dtype, device=device, requires_grad=True)
     exp_avg = torch.zeros((m, run.adapter.d), dtype=run.dtype, device=device)
     exp_avg_sq = torch.zeros_like(exp_avg)
@@ -287,11 +345,12 @@ def _optimise(run: _Run, indices: list[int], bar) -> tuple:
     running = torch.ones(m, dtype=torch.bool, device=device)
     final_loss = torch.full((m,), float("nan"), dtype=run.dtype, device=device)
     final_nll = torch.full_like(final_loss, float("nan"))
-    radius = hp.clamp_norm_factor * run.h_init.norm(dim=-1)
     beta1, beta2 = ADAM_BETAS
     for it in range(hp.v_num_grad_steps):
         run.use(running.nonzero()[:, 0])
         loss, nll = run.losses(delta)
+        if it == 0:
+            radius = hp.clamp_norm_factor * run.h_init.norm(dim=-1)
         with torch.no_grad():
             bad = running & ~torch.isfinite(loss)
             if bad.any():
@@ -308,7 +367,9 @@ def _optimise(run: _Run, indices: list[int], bar) -> tuple:
             bar.update(int(stop.sum()))
         if not stepping.any():
             break
+        run.backward_ready()
         (grad,) = torch.autograd.grad(loss[stepping].sum(), delta)
+        run.backward_ready()
         with torch.no_grad():
             # torch.optim.Adam's update, applied to the stepping rows only.
             idx = stepping.nonzero()[:, 0]
@@ -330,9 +391,33 @@ def _optimise(run: _Run, indices: list[int], bar) -> tuple:
     return z, run.h_init, delta, run.v0, steps, final_loss, final_nll
 
 
+def _suffix_matches(model, adapter: ModelAdapter, probe: _Chunk, layer: int, last: int, hp: VStarParams) -> bool:
+    """Whether the suffix path reproduces the model at δ = 0 on ``probe`` (one edit's rows in the
+    lookup layout): its logits at the positions the loss reads against the full model's on the
+    same padded batch. False also where the model is not finite on that layout."""
+    with torch.no_grad():
+        logits = model(**probe.batch.inputs()).logits.to(torch.float64)
+    run = _Run(model, adapter, probe, layer, last, hp, "suffix")
+    run.use(torch.arange(probe.m, device=adapter.device))
+    view = run.view
+    try:
+        with torch.no_grad():
+            h = run._record(torch.zeros((probe.m, adapter.d), dtype=run.dtype, device=adapter.device))
+    except (TypeError, ValueError, AttributeError, RuntimeError, NotImplementedError, KeyError):
+        # a model whose forward takes no such cache, or a cache that cannot be resumed
+        return False
+    rows = torch.cat([view.tok_row, view.kl_row])
+    pos = torch.cat([view.tok_pos, view.kl_pos])
+    ours = logits_from_hidden(adapter, h[rows, pos - run.split]).to(torch.float64)
+    theirs = logits[rows, pos]
+    err = ((ours - theirs).norm() / theirs.norm().clamp_min(1e-30)).item()
+    return err <= max(1e-5, 64 * torch.finfo(adapter.dtype).eps)
+
+
 def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[Request], layer: int, *,
                     templates: list[list[str]], hparams=None, loss_layer: int | None = None, batched: bool = True,
-                    progress: bool = False, chunk_size: int | None = None, replay: bool = True,
+                    progress: bool = False, chunk_size: int | None = None, max_chunk_tokens: int | None = None,
+                    replay: bool = True, suffix: bool = True, checkpoint: bool = False,
                     padding_side: str | None = None) -> Targets:
     """Target residual-stream values z (n, d) at block ``layer`` for ``requests`` (see the module
     docstring for the loss and the optimisation).
@@ -343,13 +428,24 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
         loss_layer: block whose output is read through the final norm and LM head (default: the
             last block, i.e. the model's own logits).
         batched: optimise all edits together (True) or one after another (False; same result).
-        chunk_size: at most this many edits per forward/backward (bounds memory; chunks group
-            edits of similar prompt length to cut padding); default all in one.
-        replay: cache the layers below ``layer`` and replay only the blocks above it each step
-            (True), or run the whole model with a hook adding δ each step (False).
-        padding_side: 'left' or 'right' (default: the tokenizer's); it does not change results.
+        chunk_size: at most this many edits per chunk.
+        max_chunk_tokens: at most this many padded token positions (rows × width) per chunk;
+            default :func:`fastedit.editing.tokens.default_max_tokens` (from the device's free
+            memory). Edits are packed by length, so chunks pad little. Each chunk is optimised
+            on its own and only its results are kept: the same values as one chunk.
+        replay: run only the blocks above ``layer`` each step (True), or the whole model with a
+            hook adding δ (False).
+        suffix: with replay, run those blocks on the columns from the lookup token on only,
+            attending to a cache of the prefix's keys and values (``_Run``'s ``suffix`` path);
+            used where a check on the first edit shows it reproduces the model, else the whole
+            batch is replayed.
+        checkpoint: recompute the replayed blocks in the backward pass instead of keeping their
+            activations (less memory, about one more forward per step; same values).
+        padding_side: 'left' or 'right' for the paths that pad on one side (default: the
+            tokenizer's); it does not change results.
     Returns:
-        :class:`Targets`, rows in request order, in float32 (float64 for a float64 model).
+        :class:`Targets`, rows in request order, in float32 (float64 for a float64 model);
+        ``chunks`` and ``path`` say how it was computed.
     """
     hp = VStarParams.coerce(hparams)
     require_eval(model)
@@ -362,10 +458,52 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
     flat = flatten(check_templates(templates))
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    size = (chunk_size or len(requests)) if batched else 1
+    check_max_tokens(max_chunk_tokens)
+    side = padding_side or getattr(tokenizer, "padding_side", "right")
+    if side not in ("left", "right"):
+        raise InputError(f"padding_side must be 'left' or 'right', got {side!r}")
+    P = len(flat) + 1
     tgt = [target_ids(tokenizer, r.target_new) for r in requests]
+    texts, subjects, appended = [], [], []
+    for r, t in zip(requests, tgt):
+        for template in flat:
+            texts.append(template.replace("{}", r.prompt, 1))
+            subjects.append(r.subject)
+            appended.append(t[:-1])
+        texts.append(KL_PROMPT)
+        subjects.append(r.subject)
+        appended.append([])
+    rows = encode_rows(tokenizer, texts, subjects, appended=appended)
+    pad_id = pad_token_id(tokenizer)
+    device = adapter.device
+    _check_readout(model, adapter, _Chunk(rows.subset(range(P)), tgt[:1], P, side, pad_id, device).batch)
+    path = "hook" if not replay else "replay"
     params = list(model.parameters())
     had_grad = [p.requires_grad for p in params]
+    if replay and suffix:
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            probe = _Chunk(rows.subset(range(P)), tgt[:1], P, "lookup", pad_id, device)
+            path = "suffix" if _suffix_matches(model, adapter, probe, layer, last, hp) else "replay"
+        finally:
+            for p, g in zip(params, had_grad):
+                p.requires_grad_(g)
+    layout = "lookup" if path == "suffix" else side
+    if max_chunk_tokens is None:
+        max_chunk_tokens = default_max_tokens(adapter, grad_layers=last - layer)
+    # The cost of an edit: P rows as wide as its widest row in the chunk's layout.
+    if layout == "lookup":
+        widths = [(max(rows.lookup[e * P + p] for p in range(P)),
+                   max(len(rows.ids[e * P + p]) - rows.lookup[e * P + p] for p in range(P)))
+                  for e in range(len(requests))]
+    else:
+        widths = [(0, max(len(rows.ids[e * P + p]) for p in range(P))) for e in range(len(requests))]
+    if not batched:
+        groups = [[i] for i in range(len(requests))]
+    else:
+        groups = [g[start:start + (chunk_size or len(g))] for g in length_chunks(widths, max_chunk_tokens, group=P)
+                  for start in range(0, len(g), chunk_size or len(g))]
     parts = []
     bar = None
     if progress:
@@ -374,23 +512,18 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
     try:
         for p in params:
             p.requires_grad_(False)
-        # Chunks of edits with similar prompt lengths waste less compute on padding.
-        order = list(range(len(requests)))
-        if 1 < size < len(requests):
-            order.sort(key=lambda i: len(tokenizer(requests[i].text)["input_ids"]) + len(tgt[i]))
-        for start in range(0, len(requests), size):
-            idx = order[start:start + size]
-            chunk = _Chunk(tokenizer, [requests[i] for i in idx], [tgt[i] for i in idx], flat, padding_side,
-                           adapter.device)
-            if start == 0:
-                _check_readout(model, adapter, chunk.batch.select(chunk.rows_of(torch.arange(1, device=adapter.device))))
+        for idx in groups:
+            chunk = _Chunk(rows.subset([e * P + p for e in idx for p in range(P)]), [tgt[i] for i in idx], P,
+                           layout, pad_id, device)
             with torch.enable_grad():
-                parts.append(_optimise(_Run(model, adapter, chunk, layer, last, hp, replay), idx, bar))
+                parts.append(_optimise(_Run(model, adapter, chunk, layer, last, hp, path, checkpoint), idx, bar))
     finally:
         for p, g in zip(params, had_grad):
             p.requires_grad_(g)
         if bar is not None:
             bar.close()
-    back = torch.argsort(torch.tensor(order)).to(adapter.device)
+    order = [i for g in groups for i in g]
+    back = torch.argsort(torch.tensor(order)).to(device)
     z, h_init, delta, v0, steps, loss, nll = (torch.cat(x).index_select(0, back) for x in zip(*parts))
-    return Targets(layer=layer, z=z, h_init=h_init, delta=delta, v0=v0, steps=steps, loss=loss, nll=nll)
+    return Targets(layer=layer, z=z, h_init=h_init, delta=delta, v0=v0, steps=steps, loss=loss, nll=nll,
+                   chunks=len(groups), path=path)

@@ -91,6 +91,147 @@ class TokenBatch:
         return int(self.input_ids.shape[0])
 
 
+@dataclass
+class EncodedRows:
+    """Prompts tokenised but not padded: ``ids[b]`` (prompt ids followed by the appended ids),
+    ``lookup[b]`` and ``prompt_last[b]`` in the row's own coordinates (0 = its first token)."""
+
+    ids: list
+    lookup: list
+    prompt_last: list
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, rows: Sequence[int]) -> "EncodedRows":
+        return EncodedRows([self.ids[b] for b in rows], [self.lookup[b] for b in rows],
+                           [self.prompt_last[b] for b in rows])
+
+    def pad(self, rows: Sequence[int] | None = None, *, side: str, pad_id: int, device=None) -> TokenBatch:
+        """The given rows (default all) padded into one :class:`TokenBatch`.
+
+        ``side``: 'left' or 'right' (pads before or after the real tokens), or 'lookup': every
+        lookup token in one column (the largest lookup index), the padding a row needs for that
+        inserted just before its lookup token and the rest after its last token. The columns
+        before that one are then the prefix that δ at the lookup token cannot change. Padding
+        inside the row, not before it, keeps every padded position after a real token (some
+        models' attention gives NaN on a position that may attend to nothing, e.g. Gemma 2's
+        eager attention, and a NaN there reaches the real tokens through the keys). Position ids
+        count real tokens, so the layout changes nothing.
+        """
+        rows = range(len(self.ids)) if rows is None else rows
+        ids = [self.ids[b] for b in rows]
+        lookup = [self.lookup[b] for b in rows]
+        prompt_last = [self.prompt_last[b] for b in rows]
+        if side == "lookup":
+            col = max(lookup)
+            width = max(col - a + len(r) for a, r in zip(lookup, ids))
+        elif side in ("left", "right"):
+            width = max(len(r) for r in ids)
+        else:
+            raise InputError(f"padding_side must be 'left' or 'right', got {side!r}")
+        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        shift = []
+        for b, (a, r) in enumerate(zip(lookup, ids)):
+            if side == "lookup":
+                s = col - a
+                pieces = ((0, r[:a]), (col, r[a:]))
+            else:
+                s = width - len(r) if side == "left" else 0
+                pieces = ((s, r),)
+            for at, part in pieces:
+                input_ids[b, at:at + len(part)] = torch.tensor(part, dtype=torch.long)
+                mask[b, at:at + len(part)] = 1
+            shift.append(s)
+        shift_t = torch.tensor(shift, dtype=torch.long)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return TokenBatch(input_ids.to(device), mask.to(device), position_ids.to(device),
+                          (torch.tensor(lookup) + shift_t).to(device), (torch.tensor(prompt_last) + shift_t).to(device))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padded positions get: the tokenizer's pad token, else EOS, else 0 (masked anyway)."""
+    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if cand is not None:
+            return cand
+    return 0
+
+
+def encode_rows(tokenizer, templates: Sequence[str], subjects: Sequence[str], *,
+                appended: Sequence[Sequence[int]] | None = None) -> EncodedRows:
+    """Tokenise ``templates[b]`` with ``subjects[b]`` filled in and append ``appended[b]`` (token
+    ids, e.g. the teacher-forced target tokens), without padding (:meth:`EncodedRows.pad`)."""
+    if len(templates) != len(subjects):
+        raise InputError(f"got {len(templates)} prompts but {len(subjects)} subjects; give one subject per prompt")
+    if appended is not None and len(appended) != len(templates):
+        raise InputError(f"got {len(templates)} prompts but {len(appended)} appended id lists")
+    out = EncodedRows([], [], [])
+    for b, (template, subject) in enumerate(zip(templates, subjects)):
+        ids, at = encode_with_lookup(tokenizer, template, subject)
+        out.prompt_last.append(len(ids) - 1)
+        out.lookup.append(at)
+        out.ids.append(ids + (list(appended[b]) if appended is not None else []))
+    return out
+
+
+def length_chunks(widths: Sequence[tuple[int, int]], max_tokens: int | None, *, group: int = 1) -> list[list[int]]:
+    """Split items into chunks of at most ``max_tokens`` padded tokens, grouping similar widths.
+
+    ``widths[i] = (a, b)``: item i's rows need ``a`` columns before their aligned column and
+    ``b`` from it on (``a = 0`` for one-side padding), and each item holds ``group`` rows, so a
+    chunk of items I costs ``group · |I| · (max a + max b)`` tokens. Items are sorted by (b, a),
+    the part every iteration of v* recomputes first, and cut greedily, so padding is only what
+    separates neighbouring widths. An item larger than the budget gets a chunk of its own.
+    ``max_tokens`` None: one chunk, in the input order. Returns lists of item indices.
+    """
+    if max_tokens is None:
+        return [list(range(len(widths)))] if len(widths) else []
+    order = sorted(range(len(widths)), key=lambda i: (widths[i][1], widths[i][0], i))
+    chunks, cur, wa, wb = [], [], 0, 0
+    for i in order:
+        a, b = max(wa, widths[i][0]), max(wb, widths[i][1])
+        if cur and group * (len(cur) + 1) * (a + b) > max_tokens:
+            chunks.append(cur)
+            cur, (a, b) = [], widths[i]
+        cur.append(i)
+        wa, wb = a, b
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def check_max_tokens(max_tokens) -> None:
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 1):
+        raise InputError(f"max_chunk_tokens must be a positive integer or None, got {max_tokens!r}")
+
+
+CPU_BUDGET_BYTES = 512 * 2 ** 20
+CUDA_BUDGET_SHARE = 0.5
+
+
+def default_max_tokens(adapter, *, grad_layers: int = 0, budget_bytes: int | None = None) -> int:
+    """Token positions per chunk that fit a memory budget: ``budget_bytes`` (default half of the
+    CUDA device's free memory, or a fixed 512 MiB on the CPU) divided by the bytes one token
+    position holds. A forward without gradient keeps about (4d + 2 d_k) numbers per token at a
+    time (one block's activations) plus a key/value cache of 2d per layer; each of the
+    ``grad_layers`` blocks a backward pass runs through keeps about (8d + 4 d_k) more (the
+    inputs of its matmuls, norms and activations). An estimate, not a guarantee: lower the
+    budget (``EditParams.max_chunk_tokens``) if a chunk does not fit.
+    """
+    if budget_bytes is None:
+        device = adapter.device
+        if device.type == "cuda":
+            budget_bytes = int(torch.cuda.mem_get_info(device)[0] * CUDA_BUDGET_SHARE)
+        else:
+            budget_bytes = CPU_BUDGET_BYTES
+    size = torch.tensor([], dtype=adapter.dtype).element_size()
+    per_token = (4 * adapter.d + 2 * adapter.d_k + 2 * adapter.d * adapter.num_layers
+                 + grad_layers * (8 * adapter.d + 4 * adapter.d_k)) * size
+    return max(1, budget_bytes // per_token)
+
+
 def encode_prompts(tokenizer, templates: Sequence[str], subjects: Sequence[str], *,
                    appended: Sequence[Sequence[int]] | None = None, padding_side: str | None = None,
                    device=None) -> TokenBatch:
@@ -100,32 +241,8 @@ def encode_prompts(tokenizer, templates: Sequence[str], subjects: Sequence[str],
     ``padding_side`` defaults to the tokenizer's. Position ids count real tokens only, so the
     result of a forward pass does not depend on the padding side.
     """
-    if len(templates) != len(subjects):
-        raise InputError(f"got {len(templates)} prompts but {len(subjects)} subjects; give one subject per prompt")
-    if appended is not None and len(appended) != len(templates):
-        raise InputError(f"got {len(templates)} prompts but {len(appended)} appended id lists")
     side = padding_side or getattr(tokenizer, "padding_side", "right")
     if side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right', got {side!r}")
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    rows, lookup, prompt_last = [], [], []
-    for b, (template, subject) in enumerate(zip(templates, subjects)):
-        ids, at = encode_with_lookup(tokenizer, template, subject)
-        prompt_last.append(len(ids) - 1)
-        lookup.append(at)
-        rows.append(ids + (list(appended[b]) if appended is not None else []))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    shift = []
-    for b, r in enumerate(rows):
-        s = width - len(r) if side == "left" else 0
-        input_ids[b, s:s + len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[b, s:s + len(r)] = 1
-        shift.append(s)
-    shift_t = torch.tensor(shift, dtype=torch.long)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return TokenBatch(input_ids.to(device), mask.to(device), position_ids.to(device),
-                      (torch.tensor(lookup) + shift_t).to(device), (torch.tensor(prompt_last) + shift_t).to(device))
+    rows = encode_rows(tokenizer, templates, subjects, appended=appended)
+    return rows.pad(side=side, pad_id=pad_token_id(tokenizer), device=device)

@@ -114,27 +114,43 @@ def _batches(n: int, batch_size: int):
 
 
 def target_scores(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
-                  batch_size: int = 64, padding_side: str = "right",
-                  progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`score_pairs` over any number of pairs, ``batch_size`` pairs per forward.
+                  batch_size: int = 64, padding_side: str = "right", progress=None,
+                  max_chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`score_pairs` over any number of pairs, at most ``batch_size`` pairs per forward.
 
     Pairs are scored in order of length, so each batch pads little, and the scores come back in
-    the input order. Returns (nll, token_accuracy), each (n,) float64 on the CPU. ``progress`` is
-    an optional tqdm bar advanced by the number of pairs scored.
+    the input order. ``max_chunk_tokens`` also bounds a batch's padded tokens (pairs × longest
+    pair in tokens; a pair longer than that is scored alone), so memory does not grow with the
+    number of pairs. Returns (nll, token_accuracy), each (n,) float64 on the CPU. ``progress``
+    is an optional tqdm bar advanced by the number of pairs scored.
     """
-    order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]) + len(targets[j]))
+    from fastedit.editing.tokens import check_max_tokens, length_chunks
+
+    check_max_tokens(max_chunk_tokens)
+    if batch_size < 1:
+        raise InputError(f"batch_size must be positive, got {batch_size}")
+    if max_chunk_tokens is None:
+        order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]) + len(targets[j]))
+        batches = [order[sl] for sl in _batches(len(order), batch_size)]
+    else:
+        p_ids = tokenizer(list(prompts))["input_ids"] if len(prompts) else []
+        t_ids = tokenizer([" " + t.lstrip(" ") for t in targets], add_special_tokens=False)["input_ids"] \
+            if len(targets) else []
+        lengths = [(0, len(p) + len(t)) for p, t in zip(p_ids, t_ids)]
+        batches = [c[i:i + batch_size] for c in length_chunks(lengths, max_chunk_tokens)
+                   for i in range(0, len(c), batch_size)]
     nll, acc = [], []
-    for sl in _batches(len(order), batch_size):
-        rows = order[sl]
+    for rows in batches:
         enc = encode_pairs(tokenizer, [prompts[j] for j in rows], [targets[j] for j in rows],
                            padding_side=padding_side)
         a, b = score_pairs(model, enc)
         nll.append(a)
         acc.append(b)
         if progress is not None:
-            progress.update(sl.stop - sl.start)
+            progress.update(len(rows))
     if not nll:
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    order = [j for rows in batches for j in rows]
     back = torch.empty(len(order), dtype=torch.long)
     back[torch.tensor(order)] = torch.arange(len(order))
     return torch.cat(nll)[back], torch.cat(acc)[back]

@@ -11,9 +11,11 @@ new hidden state and the recorded arguments. Whatever the model computes before 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from fastedit.models.adapters import ModelAdapter
 from fastedit.models.hooks import _hidden
@@ -27,21 +29,30 @@ class BlockReplay:
         self.first, self.last = first, last
         self.calls: dict[int, tuple[tuple, dict]] = {}
 
-    def run(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _block(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.calls[layer]
+        if "hidden_states" in kwargs:
+            out = self.adapter.block(layer)(*args, **{**kwargs, "hidden_states": hidden})
+        else:
+            out = self.adapter.block(layer)(hidden, *args[1:], **kwargs)
+        return _hidden(out)
+
+    def run(self, hidden: torch.Tensor, *, checkpointed: bool = False) -> torch.Tensor:
         """Output hidden state of block ``last`` when block ``first`` receives ``hidden``.
 
         ``hidden`` has the recorded pass's shape (batch, seq, d); the blocks' other inputs
-        (attention mask, position embeddings, ...) are those of the recorded pass.
+        (attention mask, position embeddings, a key/value cache, ...) are those of the recorded
+        pass. ``checkpointed``: keep only each block's input for the backward pass and recompute
+        the block there (activation checkpointing: the same values, less memory, one more
+        forward). A recorded :class:`PrefixCache` must then be restored before the backward.
         """
         if len(self.calls) != self.last - self.first + 1:
             raise RuntimeError(f"blocks {self.first}..{self.last} were not all run in the recorded forward pass")
         for layer in range(self.first, self.last + 1):
-            args, kwargs = self.calls[layer]
-            if "hidden_states" in kwargs:
-                out = self.adapter.block(layer)(*args, **{**kwargs, "hidden_states": hidden})
+            if checkpointed and hidden.requires_grad:
+                hidden = checkpoint(self._block, layer, hidden, use_reentrant=False)
             else:
-                out = self.adapter.block(layer)(hidden, *args[1:], **kwargs)
-            hidden = _hidden(out)
+                hidden = self._block(layer, hidden)
         return hidden
 
 
@@ -69,6 +80,43 @@ def record_blocks(adapter: ModelAdapter, first: int, last: int) -> Iterator[Bloc
     finally:
         for h in handles:
             h.remove()
+
+
+class PrefixCache:
+    """The key/value cache of a batch's first ``split`` columns (the prefix), for passes over
+    the remaining columns (the suffix) that must see the prefix as if it were run with them.
+
+    Built by one no-gradient forward over the prefix, stopped after block ``stop``. Each suffix
+    pass appends its keys and values to the cache; :meth:`restore` puts back the prefix-only
+    state (every cache layer's attributes as they were after the prefix pass), so the same
+    suffix can be run again, with another hidden state, as often as needed. Only dynamic caches
+    (which replace their tensors on update instead of writing into them) can be restored so;
+    :func:`fastedit.editing.targets.compute_targets` checks the suffix pass against the full
+    model before it relies on it.
+    """
+
+    def __init__(self, model, adapter: ModelAdapter, stop: int, input_ids, attention_mask, position_ids):
+        from transformers import DynamicCache
+
+        from fastedit.models.hooks import forward_until
+
+        params = inspect.signature(model.forward).parameters
+        self.name = "cache" if "cache" in params else "past_key_values"
+        self.cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            forward_until(model, adapter.block(stop), input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=True, **{self.name: self.cache})
+        self.state = [dict(vars(layer)) for layer in self.cache.layers]
+
+    def kwargs(self) -> dict:
+        """Keyword arguments that make a model forward use (and extend) this cache."""
+        return {self.name: self.cache, "use_cache": True}
+
+    def restore(self) -> None:
+        """Back to the state right after the prefix pass."""
+        for layer, state in zip(self.cache.layers, self.state):
+            vars(layer).clear()
+            vars(layer).update(state)
 
 
 def logits_from_hidden(adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
