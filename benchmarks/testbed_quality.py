@@ -31,7 +31,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def measure(arch: str, n: int, batch_size: int, eval_every: int, fluency_n: int, configs, log,
-            done=lambda rows: None) -> list:
+            on_row=lambda rows: None) -> list:
     from fastedit import presets, testbed
     from fastedit.editing.editor import Editor
     from fastedit.editing.requests import load_records, requests_from_records
@@ -81,7 +81,7 @@ def measure(arch: str, n: int, batch_size: int, eval_every: int, fluency_n: int,
                "specificity": final["specificity"], "score": final["score"], "fluency": flu,
                "dropped": dropped, "edit_seconds": edit_s, "seconds": time.perf_counter() - t0, "curve": curve}
         out.append(row)
-        done(out)
+        on_row(out)
         log(json.dumps({k: v for k, v in row.items() if k != "curve"}))
         editor.restore()
     return out
