@@ -35,13 +35,17 @@ reproduces each single-edit trajectory; an edit that has stopped keeps its δ ex
 gets no update and no Adam state change). The layers below ``layer`` do not depend on δ: by
 default they run once (no gradient), block ``layer``'s output is cached, and each iteration only
 replays the blocks above it with the recorded masks and position embeddings
-(:mod:`fastedit.models.replay`). When at most half of the replayed edits are still running,
-the cache is rebuilt for the running ones only. No model parameter receives a gradient.
+(:mod:`fastedit.models.replay`); with causal attention the positions before the lookup token do
+not depend on δ either, so the replay runs on the columns from the lookup token on, attending to
+a key/value cache of the prefix (``_Run``'s ``suffix`` path). When at most half of the replayed
+edits are still running, the next forward records again for the running ones only. The edits
+are optimised in chunks of at most ``max_chunk_tokens`` padded tokens, packed by length; chunks
+share nothing, so chunking changes no value. No model parameter receives a gradient.
 """
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
