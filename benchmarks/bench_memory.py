@@ -22,7 +22,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
 
 SIZES = {
     "small": [dict(model="mid", n=7, d=48, d_k=112, layers=4, blue=(1, 2), steps=3, vocab=97),

@@ -99,19 +99,19 @@ def test_vstar_fastedit(benchmark, timed, bench_size, device, size, variant):
 
 
 # --- FLOPs per edit-iteration: fastedit's v* against the reference's whole-model steps ---------
-# Counted with torch.utils.flop_counter.FlopCounterMode (matmuls and attention) over a whole v*
-# call of n edits × `steps` iterations (no early stop), divided by n · steps; fastedit's count
-# includes its one-off passes (readout and suffix checks, the prefix passes). "8b-proportioned"
-# has Llama3-8B's depth and edit layer (32 blocks, v* at layer 4) and its width ratios
-# (d_ff = 3.5 d, vocab ≈ 31 d, 4:1 grouped-query attention) at d = 128, on the testbed's facts
-# and tokenizer: the FLOP ratio carries over to the real shape, whose per-token FLOPs are d²-scaled
-# (×(4096/128)² for the matmuls; attention scores scale as d only, a <5 % share here).
+# Counted with torch.utils.flop_counter.FlopCounterMode (matmuls and attention) over whole v*
+# calls of n edits with `steps` and `steps + 2` iterations (no early stop): the difference over
+# 2n is the cost of one edit-iteration (forward + backward), the rest the one-off passes
+# (fastedit: readout and suffix checks, prefix passes; both: tokenisation-free set-up).
+# "8b-proportioned" has Llama3-8B's depth and edit layer (32 blocks, v* at layer 4) and its width
+# ratios (d_ff = 3.5 d, vocab ≈ 31 d, 4:1 grouped-query attention) at d = 128, on the testbed's
+# facts and tokenizer.
 
 FLOP_SIZES = {
-    "small": [dict(name="tiny", layers=4, d=48, d_ff=112, vocab=1024, heads=4, kv=2, layer=1, n=3, steps=3)],
-    "full": [dict(name="mid", layers=8, d=256, d_ff=1024, vocab=4096, heads=4, kv=2, layer=2, n=20, steps=25),
-             dict(name="8b-proportioned", layers=32, d=128, d_ff=448, vocab=4008, heads=8, kv=2, layer=4, n=20,
-                  steps=25)],
+    "small": [dict(name="tiny", layers=4, d=48, d_ff=112, vocab=1024, heads=4, kv=2, layer=1, n=3, steps=1)],
+    "full": [dict(name="mid", layers=8, d=256, d_ff=1024, vocab=4096, heads=4, kv=2, layer=2, n=8, steps=3),
+             dict(name="8b-proportioned", layers=32, d=128, d_ff=448, vocab=4008, heads=8, kv=2, layer=4, n=8,
+                  steps=3)],
 }
 _FLOPS: dict = {}
 
@@ -139,26 +139,30 @@ def test_vstar_flops_per_edit_iteration(benchmark, timed, c, impl):
     from torch.utils.flop_counter import FlopCounterMode
 
     p = _flop_problem(c)
-    hp = VStarParams(c["steps"], v_lr=0.1, loss_stop=0.0)
-    if impl == "baseline":
-        def fn():
+
+    def fn(steps):
+        hp = VStarParams(steps, v_lr=0.1, loss_stop=0.0)
+        if impl == "baseline":
             return vstar_one_at_a_time(p["model"], p["tok"], p["ad"], p["requests"], c["layer"],
                                        templates=p["templates"], hparams=hp)
-    else:
-        def fn():
-            return compute_targets(p["model"], p["tok"], p["ad"], p["requests"], c["layer"],
-                                   templates=p["templates"], hparams=hp)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    flops = counter.get_total_flops()
+        return compute_targets(p["model"], p["tok"], p["ad"], p["requests"], c["layer"], templates=p["templates"],
+                               hparams=hp)
+
+    counts = []
+    for steps in (c["steps"], c["steps"] + 2):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn(steps)
+        counts.append(counter.get_total_flops())
+    per = (counts[1] - counts[0]) / (2 * c["n"])
     benchmark.group = f"v* FLOPs per edit-iteration ({c['name']})"
     benchmark.extra_info.update(role=impl, op="v* FLOPs", size=f"{c['name']} L={c['layers']} d={c['d']} "
-                                f"layer={c['layer']} n={c['n']} steps={c['steps']}", flops=flops,
-                                edits=c["n"], flops_per_edit_iteration=flops / (c["n"] * c["steps"]))
+                                f"layer={c['layer']} n={c['n']} steps={c['steps']}", flops=counts[0],
+                                edits=c["n"], flops_per_edit_iteration=per,
+                                one_off_flops_per_edit=(counts[0] - c["steps"] * c["n"] * per) / c["n"])
     key = (c["name"], "flops")
-    _FLOPS.setdefault(key, {})[impl] = flops
+    _FLOPS.setdefault(key, {})[impl] = per
     if len(_FLOPS[key]) == 2:
         benchmark.extra_info["flop_ratio_reference_over_fastedit"] = round(_FLOPS[key]["baseline"] /
                                                                            _FLOPS[key]["fastedit"], 2)
-    benchmark.pedantic(timed(fn), rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(timed(lambda: fn(c["steps"])), rounds=1, iterations=1, warmup_rounds=0)
