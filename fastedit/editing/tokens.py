@@ -183,10 +183,14 @@ def length_chunks(widths: Sequence[tuple[int, int]], max_tokens: int | None, *, 
     chunk of items I costs ``group · |I| · (max a + max b)`` tokens. Items are sorted by (b, a),
     the part every iteration of v* recomputes first, and cut greedily, so padding is only what
     separates neighbouring widths. An item larger than the budget gets a chunk of its own.
-    ``max_tokens`` None: one chunk, in the input order. Returns lists of item indices.
+    Everything within the budget (or ``max_tokens`` None): one chunk, in the input order.
+    Returns lists of item indices.
     """
-    if max_tokens is None:
-        return [list(range(len(widths)))] if len(widths) else []
+    if not widths:
+        return []
+    whole = group * len(widths) * (max(a for a, _ in widths) + max(b for _, b in widths))
+    if max_tokens is None or whole <= max_tokens:
+        return [list(range(len(widths)))]
     order = sorted(range(len(widths)), key=lambda i: (widths[i][1], widths[i][0], i))
     chunks, cur, wa, wb = [], [], 0, 0
     for i in order:
