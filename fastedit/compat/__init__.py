@@ -11,7 +11,7 @@
 from fastedit.compat.hparams import ReferenceConfig, load_hparams
 from fastedit.compat.reference import AlphaEditState, apply_AlphaEdit_to_model, apply_memit_to_model
 from fastedit.compat.requests import easyedit_records, to_request
-from fastedit.compat.stats import ReferenceStats, export_reference_stats, is_reference_dir
+from fastedit.stats.reference import ReferenceStats, export_reference_stats, is_reference_dir
 
 __all__ = ["AlphaEditState", "ReferenceConfig", "ReferenceStats", "apply_AlphaEdit_to_model", "apply_memit_to_model",
            "easyedit_records", "export_reference_stats", "is_reference_dir", "load_hparams", "to_request"]

@@ -30,7 +30,7 @@ import torch
 
 from fastedit.compat.hparams import ReferenceConfig, load_hparams
 from fastedit.compat.requests import to_request
-from fastedit.compat.stats import ReferenceStats
+from fastedit.stats.reference import ReferenceStats
 from fastedit.errors import InputError
 
 #: model -> [(config, stats, Editor)]: the state the references keep in module globals.

@@ -39,7 +39,7 @@ from fastedit.editing.requests import Request, check_context_fit, validate_reque
 from fastedit.errors import EditError, FastEditError, InputError
 from fastedit.models import get_adapter
 from fastedit.stats import cache as stats_cache
-from fastedit.compat.stats import ReferenceStats, is_reference_dir
+from fastedit.stats.reference import ReferenceStats, is_reference_dir
 
 
 @dataclass
