@@ -36,6 +36,7 @@ import warnings
 
 import torch
 
+from fastedit import _io
 from fastedit.errors import ExtensionError
 
 _NAME = "fastedit_ext"
@@ -64,12 +65,6 @@ def source_dir() -> pathlib.Path:
         f"the extension sources are missing: neither {package / '_csrc'} nor {package.parent / 'csrc'}"
         " holds ops.cpp; reinstall fastedit"
     )
-
-
-def cache_root() -> pathlib.Path:
-    """``$FASTEDIT_CACHE_DIR``, else ``~/.cache/fastedit``."""
-    root = os.environ.get("FASTEDIT_CACHE_DIR")
-    return pathlib.Path(root).expanduser() if root else pathlib.Path.home() / ".cache" / "fastedit"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +177,7 @@ class _Loader:
         flavour = f"cu{torch.version.cuda}" if cuda_arch else "cpu"
         torch_version = torch.__version__.split("+")[0]
         key = f"torch{torch_version}-{flavour}-py{sys.version_info[0]}{sys.version_info[1]}-{digest.hexdigest()[:16]}"
-        return (self._root or cache_root()) / "ext" / key
+        return (self._root or _io.cache_root()) / "ext" / key
 
     def is_built(self) -> bool:
         """Whether loading needs no compiler: loaded already, or a complete build of the

@@ -2,6 +2,7 @@
 
 - :func:`context_length`: the longest sequence a model's config admits.
 - :func:`pad_id`: the id used to pad a batch (attention masks hide it, so any valid id works).
+- :func:`position_ids`: positions that count real tokens only, whatever the padding side.
 """
 from __future__ import annotations
 
@@ -27,3 +28,10 @@ def pad_id(tokenizer) -> int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return 0
+
+
+def position_ids(mask):
+    """(..., T) position ids from an attention mask: the number of real tokens before each one
+    (``mask.cumsum(-1) − 1``, 0 on leading padding), so that a left-padded row gets the
+    positions it would have alone."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)

@@ -138,7 +138,7 @@ def _check_args(args) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastedit import presets
-    from fastedit._ext import cache_root
+    from fastedit._io import cache_root
     from fastedit.editing.editor import Editor
     from fastedit.editing.methods import edited_layers
     from fastedit.editing.requests import load_records, requests_from_records

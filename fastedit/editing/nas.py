@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import random
 from dataclasses import dataclass
 
 import torch
 
-from fastedit import linalg
+from fastedit import _io, linalg
 from fastedit.errors import InputError
 
 #: The anchor's v* prompts: the edit prompt alone, as the reference (see the module docstring).
@@ -152,7 +151,5 @@ class AnchorCache:
     def put(self, key: str, entry: dict) -> None:
         self._mem[key] = entry
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = self._path(key).with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(entry, indent=1, sort_keys=True))
-            os.replace(tmp, self._path(key))  # atomic: a reader never sees half a file
+            _io.ensure_directory(self.directory, "the NAS anchor cache directory")
+            _io.write_json(self._path(key), entry)  # atomic: a reader never sees half a file

@@ -95,7 +95,7 @@ def run(args) -> int:
         print(f"CPU threads: {threads} (--threads N to choose)", flush=True)
     times = {}
     t = _stage("load")
-    from fastedit._ext import cache_root
+    from fastedit._io import cache_root
     from fastedit.editing.editor import Editor
     from fastedit.editing.requests import load_records, requests_from_records
     from fastedit.eval import evaluate
