@@ -16,10 +16,10 @@ from typing import Iterator, Sequence
 
 import torch
 
+from fastedit import _hf
 from fastedit.editing.context import check_templates, flatten
 from fastedit.editing.requests import Request, validate_requests
-from fastedit.editing.tokens import (TokenBatch, check_max_tokens, default_max_tokens, encode_rows, length_chunks,
-                                     pad_token_id)
+from fastedit.editing.tokens import TokenBatch, check_max_tokens, default_max_tokens, encode_rows, length_chunks
 from fastedit.errors import InputError
 from fastedit.models import ModelAdapter, forward_until
 from fastedit.models.hooks import _hidden
@@ -72,7 +72,7 @@ def _read(model, tokenizer, adapter: ModelAdapter, texts: list[str], subjects: l
         max_tokens = default_max_tokens(adapter)
     chunks = [c[i:i + (chunk_rows or len(c))] for c in length_chunks([(0, len(r)) for r in rows.ids], max_tokens)
               for i in range(0, len(c), chunk_rows or len(c))]
-    pad_id = pad_token_id(tokenizer)
+    pad_id = _hf.pad_id(tokenizer)
     out: dict = {name: [] for name in reads}
     for idx in chunks:
         batch = rows.pad(idx, side=side, pad_id=pad_id, device=adapter.device)

@@ -51,11 +51,12 @@ from typing import Sequence
 
 import torch
 
+from fastedit import _hf
 from fastedit.editing.context import check_templates, flatten
 from fastedit.editing.keys import require_eval
 from fastedit.editing.requests import Request, validate_requests
 from fastedit.editing.tokens import (EncodedRows, TokenBatch, check_max_tokens, default_max_tokens, encode_rows,
-                                     length_chunks, pad_token_id, target_ids)
+                                     length_chunks, target_ids)
 from fastedit.errors import EditError, FastEditError, InputError
 from fastedit.models import ModelAdapter, capture, edit_output, forward_until
 from fastedit.models.replay import PrefixCache, logits_from_hidden, record_blocks
@@ -480,7 +481,7 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
         subjects.append(r.subject)
         appended.append([])
     rows = encode_rows(tokenizer, texts, subjects, appended=appended)
-    pad_id = pad_token_id(tokenizer)
+    pad_id = _hf.pad_id(tokenizer)
     device = adapter.device
     _check_readout(model, adapter, _Chunk(rows.subset(range(P)), tgt[:1], P, side, pad_id, device).batch)
     path = "hook" if not replay else "replay"

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from fastedit import _hf
 from fastedit.errors import InputError
 
 
@@ -145,17 +146,8 @@ class EncodedRows:
                 mask[b, at:at + len(part)] = 1
             shift.append(s)
         shift_t = torch.tensor(shift, dtype=torch.long)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return TokenBatch(input_ids.to(device), mask.to(device), position_ids.to(device),
+        return TokenBatch(input_ids.to(device), mask.to(device), _hf.position_ids(mask).to(device),
                           (torch.tensor(lookup) + shift_t).to(device), (torch.tensor(prompt_last) + shift_t).to(device))
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id padded positions get: the tokenizer's pad token, else EOS, else 0 (masked anyway)."""
-    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if cand is not None:
-            return cand
-    return 0
 
 
 def encode_rows(tokenizer, templates: Sequence[str], subjects: Sequence[str], *,
@@ -249,4 +241,4 @@ def encode_prompts(tokenizer, templates: Sequence[str], subjects: Sequence[str],
     if side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right', got {side!r}")
     rows = encode_rows(tokenizer, templates, subjects, appended=appended)
-    return rows.pad(side=side, pad_id=pad_token_id(tokenizer), device=device)
+    return rows.pad(side=side, pad_id=_hf.pad_id(tokenizer), device=device)
