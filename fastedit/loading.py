@@ -109,8 +109,8 @@ def check_model(name: str) -> None:
     path = pathlib.Path(name).expanduser()
     looks_local = name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or name.count("/") > 1
     if looks_local and not path.is_dir():
-        raise InputError(f"cannot load model {name!r}: it is not a directory (a local model is the directory "
-                         "that save_pretrained wrote; a hub name looks like org/name)")
+        raise InputError(f"--model {name!r}: cannot load model: it is not a directory (a local model is the "
+                         "directory that save_pretrained wrote; a hub name looks like org/name)")
 
 
 def check_corpus(corpus: str) -> None:
@@ -120,10 +120,13 @@ def check_corpus(corpus: str) -> None:
 
     if corpus == TESTBED:
         return
+    from fastedit.stats.corpus import is_saved_dataset
+
     path = pathlib.Path(corpus).expanduser()
-    if path.is_dir():
-        raise InputError(f"--corpus {corpus!r} is a directory; pass one .txt or .jsonl file")
-    if path.is_file():
+    if path.is_dir() and not is_saved_dataset(path):
+        raise InputError(f"--corpus {corpus!r} is a directory but not a saved dataset (save_to_disk); pass one "
+                         ".txt or .jsonl file or a dataset directory")
+    if path.is_file() or path.is_dir():
         return
     if path.suffix.lower() in (".txt", ".jsonl", ".json", ".ndjson"):
         raise InputError(f"--corpus file {corpus!r} does not exist")

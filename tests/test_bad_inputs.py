@@ -184,6 +184,8 @@ def test_fastedit_edit_exits_130_on_ctrl_c(tmp_path, monkeypatch, capsys):
     def interrupted(self, *a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(Editor, "edit", interrupted)
+    # The statistics are never read (the edit is interrupted first): skip their pre-load check.
+    monkeypatch.setattr("fastedit.editing.cli.check_stats_dir", lambda directory, layers: None)
     argv = ["edit", "--model", str(tmp_path / "m"), "--requests", str(tmp_path / "r.json"), "--preset", "tiny",
             "--stats", str(tmp_path / "stats"), "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
     assert main(argv) == 130

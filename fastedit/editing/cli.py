@@ -17,7 +17,7 @@ import argparse
 import pathlib
 
 from fastedit.editing.methods import METHODS, REGULARIZERS, STRATEGIES
-from fastedit.errors import InputError
+from fastedit.errors import FastEditError, InputError
 from fastedit.loading import (DTYPES, add_layout_argument, add_threads_argument, check_corpus, check_model,
                               layer_list, load_model, resolve_corpus, set_threads, testbed_arch)
 
@@ -90,27 +90,18 @@ def guess_preset(model_name: str) -> str | None:
 
 
 def check_stats_dir(directory: str, layers) -> None:
-    """Fail before the model loads unless ``directory`` holds finished statistics of every layer."""
-    from safetensors import safe_open
+    """Fail before the model loads unless ``directory`` holds finished statistics of every layer
+    (fastedit's, checked by :func:`fastedit.stats.cache.check_directory`, or the references'
+    ``.npz`` files, read by :class:`fastedit.stats.reference.ReferenceStats`)."""
+    from fastedit.stats.cache import check_directory
+    from fastedit.stats.reference import is_reference_dir
 
-    path = pathlib.Path(directory).expanduser()
-    if not path.is_dir():
-        raise InputError(f"--stats {directory!r} is not a directory; pass the directory holding "
-                         "layer_<l>.safetensors written by `fastedit stats`")
-    missing = [l for l in layers if not (path / f"layer_{l}.safetensors").is_file()]
-    if missing:
-        raise InputError(f"--stats {directory!r} has no statistics for layer(s) {', '.join(map(str, missing))} "
-                         f"(the edit writes layers {', '.join(map(str, layers))}); collect them with "
-                         f"`fastedit stats --layers {','.join(map(str, layers))} ...`")
-    for l in layers:
-        f = path / f"layer_{l}.safetensors"
-        try:
-            with safe_open(str(f), "pt") as handle:
-                meta = handle.metadata() or {}
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise InputError(f"{f} is not a readable statistics file ({exc}); recompute it with `fastedit stats`")
-        if meta.get("complete", "true") != "true":
-            raise InputError(f"{f} is an unfinished statistics checkpoint; finish the `fastedit stats` run first")
+    if is_reference_dir(directory):
+        return
+    try:
+        check_directory(directory, layers)
+    except FastEditError as exc:
+        raise InputError(f"--stats {directory!r}: {exc}") from None
 
 
 def _check_args(args) -> None:

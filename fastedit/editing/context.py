@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from fastedit._hf import pad_id, position_ids
+from fastedit import _hf
 from fastedit._io import write_json
 from fastedit.errors import InputError
 
@@ -66,14 +66,14 @@ def _sample(model, tokenizer, seeds: list[str], length: int, generator: torch.Ge
     device = next(model.parameters()).device
     encoded = [list(tokenizer(s)["input_ids"]) for s in seeds]
     width = max(len(e) for e in encoded)
-    pad = pad_id(tokenizer)
+    pad = _hf.pad_id(tokenizer)
     # Left padding keeps every row's last real token in the last column while sampling.
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], dtype=torch.long)
     with torch.no_grad():
         for _ in range(length):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=position_ids(mask).to(device),
+                           position_ids=_hf.position_ids(mask).to(device),
                            use_cache=False).logits[:, -1]
             top_p, top_i = torch.softmax(logits.float(), dim=-1).topk(TOP_K, dim=-1)
             pick = torch.multinomial(top_p.cpu().double(), 1, generator=generator)

@@ -252,7 +252,9 @@ class Editor:
     def _solver(self, layer: int):
         C0 = self.covariance(layer)
         null_space = None
-        if self.method == "alphaedit" and not isinstance(self._stats, dict):
+        # The basis is cached beside fastedit's own statistics files (not the references' .npz).
+        if self.method == "alphaedit" and isinstance(self._stats, (str, os.PathLike)) \
+                and not is_reference_dir(self._stats):
             null_space = stats_cache.null_space(self._stats, layer, C0, self.hparams.nullspace_threshold)
         return make_solver(self.method, C0, self.hparams, layer, null_space=null_space)
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from fastedit._hf import pad_id, position_ids
+from fastedit import _hf
 from fastedit.errors import InputError
 
 
@@ -56,7 +56,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
                              "predicts the target's first token; give a non-empty prompt")
     lengths = [len(p) + len(t) for p, t in zip(p_ids, t_ids)]
     B, T, L = len(prompts), max(lengths), max(len(t) for t in t_ids)
-    input_ids = torch.full((B, T), pad_id(tokenizer), dtype=torch.long)
+    input_ids = torch.full((B, T), _hf.pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
     target_ids = torch.zeros((B, L), dtype=torch.long)
     target_pos = torch.zeros((B, L), dtype=torch.long)
@@ -68,7 +68,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
         target_ids[i, : len(t)] = torch.tensor(t)
         target_pos[i, : len(t)] = off + len(p) - 1 + torch.arange(len(t))
         target_mask[i, : len(t)] = True
-    position_ids = position_ids(mask)
+    position_ids = _hf.position_ids(mask)
     return EncodedPairs(input_ids, mask, position_ids, target_ids, target_pos, target_mask)
 
 
@@ -153,7 +153,7 @@ def target_scores(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
 def _left_padded(tokenizer, prompts: Sequence[str]):
     ids = tokenizer(list(prompts))["input_ids"]
     T = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), T), pad_id(tokenizer), dtype=torch.long)
+    input_ids = torch.full((len(ids), T), _hf.pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros((len(ids), T), dtype=torch.long)
     for i, x in enumerate(ids):
         input_ids[i, T - len(x):] = torch.tensor(x)
@@ -168,7 +168,7 @@ def next_token_argmax(model, tokenizer, prompts: Sequence[str], *, batch_size: i
     out = []
     for sl in _batches(len(prompts), batch_size):
         ids, mask = _left_padded(tokenizer, prompts[sl])
-        pos = position_ids(mask)
+        pos = _hf.position_ids(mask)
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).logits
         out.append(logits[:, -1].argmax(-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
@@ -184,13 +184,13 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     padding gives every row the positions it would have alone. A row stops at EOS.
     """
     dev = _device(model)
-    eos, pad = tokenizer.eos_token_id, pad_id(tokenizer)
+    eos, pad = tokenizer.eos_token_id, _hf.pad_id(tokenizer)
     texts = []
     for sl in _batches(len(prompts), batch_size):
         ids, mask = _left_padded(tokenizer, prompts[sl])
         ids, mask = ids.to(dev), mask.to(dev)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_hf.position_ids(mask),
                     use_cache=True)
         for step in range(max_new_tokens):
             nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), out.logits[:, -1].argmax(-1))

@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Sequence
 
 
-from fastedit._hf import pad_id
+from fastedit import _hf
 from fastedit.errors import InputError
 from fastedit.eval.scoring import target_scores
 
@@ -139,7 +139,7 @@ def _reference_scores(model, tok, records, batch_size: int) -> list:
                 where.append((i, "neighborhood"))
     pred = next_token_argmax(model, tok, prompts, batch_size=batch_size).tolist()
     col = 1 if llama else 0
-    pad = pad_id(tok)
+    pad = _hf.pad_id(tok)
     per = [{kind: [] for kind, _ in _RATES} for _ in records]
     for (i, kind), p, t in zip(where, pred, targets):
         ids = tok(t)["input_ids"]

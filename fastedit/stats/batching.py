@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from fastedit._hf import position_ids
+from fastedit import _hf
 from fastedit.errors import InputError
 
 #: Documents tokenized together (fast tokenizers are much quicker on lists than one by one).
@@ -112,7 +112,7 @@ def _pad(rows, length, pad_id, side, end) -> Batch:
         sl = slice(length - len(toks), length) if side == "left" else slice(0, len(toks))
         ids[r, sl] = torch.as_tensor(toks, dtype=torch.long)
         mask[r, sl] = 1
-    positions = position_ids(mask)
+    positions = _hf.position_ids(mask)
     return Batch(ids, mask, positions, end)
 
 

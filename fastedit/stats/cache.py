@@ -162,6 +162,24 @@ def load_directory(directory, layer: int, expected: dict, *, device=None):
     return load_checked(path, expected, device=device)
 
 
+def check_directory(directory, layers) -> None:
+    """Refuse, from the file headers alone (no model needed, so before one loads), a statistics
+    directory that lacks a finished file of the current format for any of ``layers``. The
+    model-identity check is :func:`load_directory`'s, once the model is there."""
+    directory = pathlib.Path(directory).expanduser()
+    if not directory.is_dir():
+        raise InputError(f"statistics directory {str(directory)!r} is not a directory; pass the directory "
+                         "holding layer_<l>.safetensors written by `fastedit stats`")
+    missing = [l for l in layers if not layer_path(directory, l).is_file()]
+    if missing:
+        raise InputError(f"{directory} has no statistics for layer(s) {', '.join(map(str, missing))} (the edit "
+                         f"writes layers {', '.join(map(str, layers))}); collect them with "
+                         f"`fastedit stats --layers {','.join(map(str, layers))} ...`")
+    for l in layers:
+        path = layer_path(directory, l)
+        check_metadata(path, _io.read_metadata(path), {"format": FORMAT, "layer": l})
+
+
 def _null_space_key(stats_path, threshold: float) -> tuple[pathlib.Path, dict]:
     meta = _io.read_metadata(stats_path)
     key = {"format": NULL_SPACE_FORMAT, "layer": meta.get("layer", ""), "threshold": repr(float(threshold)),

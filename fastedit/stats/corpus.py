@@ -249,6 +249,12 @@ def load_hf_dataset(name: str, config: str | None = None, *, split: str = "train
                      name=f"{name}/{config}/{split}" if config else f"{name}/{split}")
 
 
+def is_saved_dataset(path) -> bool:
+    """Whether ``path`` is a directory that ``datasets``' ``save_to_disk`` wrote."""
+    path = pathlib.Path(path)
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
 def open_corpus(source, *, name: str | None = None, text_field: str = "text", split: str = "train"):
     """The corpus for ``source``: a :class:`Corpus`, a local file path, a dataset name
     (``"wikipedia"``, ``"wikitext"``, ``"name:config"``), or a Python sequence/iterable of
@@ -264,7 +270,7 @@ def open_corpus(source, *, name: str | None = None, text_field: str = "text", sp
         if path.is_file():
             return FileCorpus(path, text_field=text_field, name=name)
         if path.is_dir():
-            if not any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            if not is_saved_dataset(path):
                 raise InputError(f"corpus {str(source)!r} is a directory but not a saved dataset (save_to_disk); "
                                  "pass one .txt or .jsonl file or a dataset directory")
             corpus = load_hf_dataset(str(path), split=split, text_field=text_field)
