@@ -47,8 +47,9 @@ def _problem(size: dict, device: torch.device):
                            num_attention_heads=max(4, size["d"] // 128), num_key_value_heads=max(2, size["d"] // 256),
                            initializer_range=0.2).to(device)
         tok = tiny_tokenizer()
-        combos = itertools.islice(itertools.cycle(itertools.product(PROMPTS, SUBJECTS, TARGETS)), size["n"])
-        requests = [Request(p, s, t) for p, s, t in combos]
+        # One target per (prompt, subject): two targets for one key are refused as contradictory.
+        pairs = list(itertools.product(PROMPTS, SUBJECTS))
+        requests = [Request(*pairs[i % len(pairs)], TARGETS[i % len(pairs) % len(TARGETS)]) for i in range(size["n"])]
         templates = context_templates(model, tok, n=5, length=10)
         hp = VStarParams(size["steps"], v_lr=0.1, loss_stop=0.0)
         _PROBLEMS[key] = (model, tok, get_adapter(model), requests, templates, hp)

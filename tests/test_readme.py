@@ -1,5 +1,7 @@
 """README.md's code runs as written: every ```python block, and every command of the testbed
-walk-through (```bash block), with fewer facts so the test stays a few seconds."""
+walk-through (```bash block), with fewer facts so the test stays a few seconds. The ```py blocks
+of the switching section show a user's own files (their hyper-parameter files and statistics):
+tests/test_compat.py runs those calls on fixture files instead."""
 import pathlib
 import re
 import shlex
