@@ -315,24 +315,12 @@ def test_chunks_are_independent_bit_for_bit():
     assert chunked.steps.tolist() == whole.steps.tolist()
     assert_close(chunked.z, whole.z, 1e-12, f"seed {seed}")
     assert_close(chunked.loss, whole.loss, 1e-12, f"seed {seed}")
-    from fastedit.editing.tokens import encode_rows, length_chunks
+    from fastedit.editing.targets import edit_widths, prompt_rows
+    from fastedit.editing.tokens import length_chunks
 
-    # The same packing by hand: run each chunk's edits alone, in the packing's order.
-    texts, subjects, appended = [], [], []
-    for r in RAGGED:
-        t = target_ids(tok, r.target_new)
-        for tmpl in flatten(tpl):
-            texts.append(tmpl.replace("{}", r.prompt, 1))
-            subjects.append(r.subject)
-            appended.append(t[:-1])
-        texts.append(KL_PROMPT)
-        subjects.append(r.subject)
-        appended.append([])
-    rows = encode_rows(tok, texts, subjects, appended=appended)
-    P = per_edit
-    widths = [(max(rows.lookup[e * P:(e + 1) * P]),
-               max(len(rows.ids[e * P + p]) - rows.lookup[e * P + p] for p in range(P))) for e in range(len(RAGGED))]
-    groups = length_chunks(widths, budget, group=P)
+    # The same packing, then each chunk's edits run alone, in the packing's order.
+    rows, _ = prompt_rows(tok, RAGGED, flatten(tpl))
+    groups = length_chunks(edit_widths(rows, per_edit, "lookup"), budget, group=per_edit)
     assert len(groups) == chunked.chunks
     for g in groups:
         alone = compute_targets(model, tok, ad, [RAGGED[i] for i in g], LAYER, templates=tpl, hparams=hp,

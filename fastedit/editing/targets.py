@@ -421,6 +421,48 @@ def _suffix_matches(model, adapter: ModelAdapter, probe: _Chunk, layer: int, las
     return err <= max(1e-5, 16 * torch.finfo(adapter.dtype).eps)
 
 
+def prompt_rows(tokenizer, requests: Sequence[Request], flat: list[str]) -> tuple[EncodedRows, list[list[int]]]:
+    """The v* prompts of ``requests``, tokenised once: per edit, each flattened context template
+    applied to its prompt followed by the target tokens but the last (teacher forcing), then the
+    KL prompt; P = len(flat) + 1 rows an edit. Returns (rows, each edit's target ids)."""
+    tgt = [target_ids(tokenizer, r.target_new) for r in requests]
+    texts, subjects, appended = [], [], []
+    for r, t in zip(requests, tgt):
+        for template in flat:
+            texts.append(template.replace("{}", r.prompt, 1))
+            subjects.append(r.subject)
+            appended.append(t[:-1])
+        texts.append(KL_PROMPT)
+        subjects.append(r.subject)
+        appended.append([])
+    return encode_rows(tokenizer, texts, subjects, appended=appended), tgt
+
+
+def edit_widths(rows: EncodedRows, P: int, layout: str) -> list[tuple[int, int]]:
+    """The cost of each edit for :func:`~fastedit.editing.tokens.length_chunks`: its P rows as
+    wide as its widest row in the chunk's layout, (prefix, suffix) columns for ``"lookup"``
+    (lookup tokens aligned), (0, length) otherwise."""
+    n = len(rows.ids) // P
+    if layout == "lookup":
+        return [(max(rows.lookup[e * P + p] for p in range(P)),
+                 max(len(rows.ids[e * P + p]) - rows.lookup[e * P + p] for p in range(P))) for e in range(n)]
+    return [(0, max(len(rows.ids[e * P + p]) for p in range(P))) for e in range(n)]
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    """No model parameter requires a gradient inside (v* differentiates δ only); restored after."""
+    params = list(model.parameters())
+    had_grad = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, g in zip(params, had_grad):
+            p.requires_grad_(g)
+
+
 def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[Request], layer: int, *,
                     templates: list[list[str]], hparams=None, loss_layer: int | None = None, batched: bool = True,
                     progress: bool = False, chunk_size: int | None = None, max_chunk_tokens: int | None = None,
@@ -470,42 +512,19 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
     if side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right', got {side!r}")
     P = len(flat) + 1
-    tgt = [target_ids(tokenizer, r.target_new) for r in requests]
-    texts, subjects, appended = [], [], []
-    for r, t in zip(requests, tgt):
-        for template in flat:
-            texts.append(template.replace("{}", r.prompt, 1))
-            subjects.append(r.subject)
-            appended.append(t[:-1])
-        texts.append(KL_PROMPT)
-        subjects.append(r.subject)
-        appended.append([])
-    rows = encode_rows(tokenizer, texts, subjects, appended=appended)
+    rows, tgt = prompt_rows(tokenizer, requests, flat)
     pad_id = _hf.pad_id(tokenizer)
     device = adapter.device
     _check_readout(model, adapter, _Chunk(rows.subset(range(P)), tgt[:1], P, side, pad_id, device).batch)
     path = "hook" if not replay else "replay"
-    params = list(model.parameters())
-    had_grad = [p.requires_grad for p in params]
     if replay and suffix:
-        try:
-            for p in params:
-                p.requires_grad_(False)
+        with _frozen(model):
             probe = _Chunk(rows.subset(range(P)), tgt[:1], P, "lookup", pad_id, device)
             path = "suffix" if _suffix_matches(model, adapter, probe, layer, last, hp) else "replay"
-        finally:
-            for p, g in zip(params, had_grad):
-                p.requires_grad_(g)
     layout = "lookup" if path == "suffix" else side
     if max_chunk_tokens is None:
         max_chunk_tokens = default_max_tokens(adapter, grad_layers=last - layer)
-    # The cost of an edit: P rows as wide as its widest row in the chunk's layout.
-    if layout == "lookup":
-        widths = [(max(rows.lookup[e * P + p] for p in range(P)),
-                   max(len(rows.ids[e * P + p]) - rows.lookup[e * P + p] for p in range(P)))
-                  for e in range(len(requests))]
-    else:
-        widths = [(0, max(len(rows.ids[e * P + p]) for p in range(P))) for e in range(len(requests))]
+    widths = edit_widths(rows, P, layout)
     if not batched:
         groups = [[i] for i in range(len(requests))]
     else:
@@ -517,16 +536,13 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
         from tqdm.auto import tqdm
         bar = tqdm(total=len(requests), desc=f"v* layer {layer}", unit="edit")
     try:
-        for p in params:
-            p.requires_grad_(False)
-        for idx in groups:
-            chunk = _Chunk(rows.subset([e * P + p for e in idx for p in range(P)]), [tgt[i] for i in idx], P,
-                           layout, pad_id, device)
-            with torch.enable_grad():
-                parts.append(_optimise(_Run(model, adapter, chunk, layer, last, hp, path, checkpoint), idx, bar))
+        with _frozen(model):
+            for idx in groups:
+                chunk = _Chunk(rows.subset([e * P + p for e in idx for p in range(P)]), [tgt[i] for i in idx], P,
+                               layout, pad_id, device)
+                with torch.enable_grad():
+                    parts.append(_optimise(_Run(model, adapter, chunk, layer, last, hp, path, checkpoint), idx, bar))
     finally:
-        for p, g in zip(params, had_grad):
-            p.requires_grad_(g)
         if bar is not None:
             bar.close()
     order = [i for g in groups for i in g]
