@@ -90,6 +90,27 @@ def test_target_scores_chunks_and_errors(tok):
         target_scores(model, tok, PROMPTS, TARGETS, batch_size=0)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_target_scores_share_rows_and_equal_pairs(side, tok):
+    """Pairs whose inputs (prompt + target minus its last token) coincide share one row, and
+    every score equals the pair scored on its own (whole sequence, :func:`score_pairs`)."""
+    model = _tiny("llama", tok, seed=5)
+    prompts = [p for p in PROMPTS for _ in range(3)] + ["Zorbel Tain lives"]
+    targets = [t for _ in PROMPTS for t in ("Paris", "Rome", "two long words")] + ["in"]
+    rows = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    try:
+        nll, acc = target_scores(model, tok, prompts, targets, batch_size=5, padding_side=side)
+    finally:
+        handle.remove()
+    # Single-token targets after one prompt need one row; "two long words" needs its own row.
+    assert sum(rows) == len(PROMPTS) * 2 + 1
+    ref_nll, ref_acc = score_pairs(model, encode_pairs(tok, prompts, targets, padding_side=side))
+    assert torch.allclose(nll, ref_nll, rtol=1e-12, atol=0) and torch.equal(acc, ref_acc)
+    assert target_scores(model, tok, [], [])[0].numel() == 0
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_greedy_and_argmax_batched_equal_single(arch, tok):
     model = _tiny(arch, tok, seed=3)

@@ -34,18 +34,15 @@ class EncodedPairs:
     target_mask: torch.Tensor
 
 
-def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
-                 padding_side: str = "right") -> EncodedPairs:
-    """Tokenise and pad ``prompts[i] + " " + targets[i]`` (see the module docstring)."""
+def _tokenize_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> tuple[list, list]:
+    """(prompt ids, target ids) of each pair, with the checks every scorer needs."""
     if len(prompts) != len(targets):
         raise InputError(f"got {len(prompts)} prompts but {len(targets)} targets; pass one target per prompt")
-    if padding_side not in ("left", "right"):
-        raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    if len(prompts) == 0:
-        raise InputError("no prompts to score")
     for i, t in enumerate(targets):
         if not isinstance(t, str) or not t.strip():
             raise InputError(f"target {i} ({t!r}) is empty; every prompt needs a non-empty target string")
+    if len(prompts) == 0:
+        return [], []
     p_ids = tokenizer(list(prompts))["input_ids"]
     t_ids = tokenizer([" " + t.lstrip(" ") for t in targets], add_special_tokens=False)["input_ids"]
     for i, (p, t) in enumerate(zip(p_ids, t_ids)):
@@ -54,22 +51,41 @@ def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
         if not p:
             raise InputError(f"prompt {i} is empty and the tokenizer adds no BOS token, so nothing "
                              "predicts the target's first token; give a non-empty prompt")
-    lengths = [len(p) + len(t) for p, t in zip(p_ids, t_ids)]
-    B, T, L = len(prompts), max(lengths), max(len(t) for t in t_ids)
-    input_ids = torch.full((B, T), _hf.pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
+    return p_ids, t_ids
+
+
+def _padded(seqs: Sequence[Sequence[int]], pad: int, side: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(input_ids, attention_mask, offsets): ``seqs`` padded on ``side``; row b starts at offsets[b]."""
+    T = max(len(x) for x in seqs)
+    input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    offsets = []
+    for b, x in enumerate(seqs):
+        off = T - len(x) if side == "left" else 0
+        input_ids[b, off: off + len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[b, off: off + len(x)] = 1
+        offsets.append(off)
+    return input_ids, mask, offsets
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
+                 padding_side: str = "right") -> EncodedPairs:
+    """Tokenise and pad ``prompts[i] + " " + targets[i]`` (see the module docstring)."""
+    if padding_side not in ("left", "right"):
+        raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if len(prompts) == 0 and len(targets) == 0:
+        raise InputError("no prompts to score")
+    p_ids, t_ids = _tokenize_pairs(tokenizer, prompts, targets)
+    input_ids, mask, offsets = _padded([p + t for p, t in zip(p_ids, t_ids)], _hf.pad_id(tokenizer), padding_side)
+    B, L = len(p_ids), max(len(t) for t in t_ids)
     target_ids = torch.zeros((B, L), dtype=torch.long)
     target_pos = torch.zeros((B, L), dtype=torch.long)
     target_mask = torch.zeros((B, L), dtype=torch.bool)
     for i, (p, t) in enumerate(zip(p_ids, t_ids)):
-        off = T - lengths[i] if padding_side == "left" else 0
-        input_ids[i, off: off + lengths[i]] = torch.tensor(p + t)
-        mask[i, off: off + lengths[i]] = 1
         target_ids[i, : len(t)] = torch.tensor(t)
-        target_pos[i, : len(t)] = off + len(p) - 1 + torch.arange(len(t))
+        target_pos[i, : len(t)] = offsets[i] + len(p) - 1 + torch.arange(len(t))
         target_mask[i, : len(t)] = True
-    position_ids = _hf.position_ids(mask)
-    return EncodedPairs(input_ids, mask, position_ids, target_ids, target_pos, target_mask)
+    return EncodedPairs(input_ids, mask, _hf.position_ids(mask), target_ids, target_pos, target_mask)
 
 
 def _device(model) -> torch.device:
@@ -110,55 +126,78 @@ def _batches(n: int, batch_size: int):
 def target_scores(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
                   batch_size: int = 64, padding_side: str = "right", progress=None,
                   max_chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`score_pairs` over any number of pairs, at most ``batch_size`` pairs per forward.
+    """The scores of :func:`score_pairs` for any number of pairs, at most ``batch_size`` model
+    inputs per forward.
 
-    Pairs are scored in order of length, so each batch pads little, and the scores come back in
-    the input order. ``max_chunk_tokens`` also bounds a batch's padded tokens (pairs × longest
-    pair in tokens; a pair longer than that is scored alone), so memory does not grow with the
-    number of pairs. Returns (nll, token_accuracy), each (n,) float64 on the CPU. ``progress``
-    is an optional tqdm bar advanced by the number of pairs scored.
+    A pair's input is its prompt and its target without the last token (nothing reads the
+    logits after it), and pairs with the same input share one row: the CounterFact and zsRE
+    scores of one prompt against its new and its true object (one token each) cost one row, not
+    two. Inputs run in order of length, so each forward pads little, and the scores come back in
+    the input order; causal attention and real-token position ids make a row's logits those of
+    the sequence alone. ``max_chunk_tokens`` also bounds a forward's padded tokens (rows ×
+    longest row; a longer row runs alone), so memory does not grow with the number of pairs.
+    Returns (nll, token_accuracy), each (n,) float64 on the CPU. ``progress`` is an optional
+    tqdm bar advanced by the number of pairs scored.
     """
     from fastedit.editing.tokens import check_max_tokens, length_chunks
 
     check_max_tokens(max_chunk_tokens)
     if batch_size < 1:
         raise InputError(f"batch_size must be positive, got {batch_size}")
+    if padding_side not in ("left", "right"):
+        raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    p_ids, t_ids = _tokenize_pairs(tokenizer, prompts, targets)
+    n = len(p_ids)
+    nll = torch.zeros(n, dtype=torch.float64)
+    acc = torch.zeros(n, dtype=torch.float64)
+    if n == 0:
+        return nll, acc
+    row_of: dict[tuple, int] = {}
+    seqs, pairs_of = [], []
+    for i, (p, t) in enumerate(zip(p_ids, t_ids)):
+        key = tuple(p + t[:-1])
+        if key not in row_of:
+            row_of[key] = len(seqs)
+            seqs.append(key)
+            pairs_of.append([])
+        pairs_of[row_of[key]].append(i)
     if max_chunk_tokens is None:
-        order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]) + len(targets[j]))
+        order = sorted(range(len(seqs)), key=lambda u: len(seqs[u]))
         batches = [order[sl] for sl in _batches(len(order), batch_size)]
     else:
-        p_ids = tokenizer(list(prompts))["input_ids"] if len(prompts) else []
-        t_ids = tokenizer([" " + t.lstrip(" ") for t in targets], add_special_tokens=False)["input_ids"] \
-            if len(targets) else []
-        lengths = [(0, len(p) + len(t)) for p, t in zip(p_ids, t_ids)]
-        batches = [c[i:i + batch_size] for c in length_chunks(lengths, max_chunk_tokens)
-                   for i in range(0, len(c), batch_size)]
-    nll, acc = [], []
-    for rows in batches:
-        enc = encode_pairs(tokenizer, [prompts[j] for j in rows], [targets[j] for j in rows],
-                           padding_side=padding_side)
-        a, b = score_pairs(model, enc)
-        nll.append(a)
-        acc.append(b)
-        if progress is not None:
-            progress.update(len(rows))
-    if not nll:
-        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-    order = [j for rows in batches for j in rows]
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order)] = torch.arange(len(order))
-    return torch.cat(nll)[back], torch.cat(acc)[back]
+        batches = [c[k:k + batch_size] for c in length_chunks([(0, len(x)) for x in seqs], max_chunk_tokens)
+                   for k in range(0, len(c), batch_size)]
+    dev = _device(model)
+    with torch.no_grad():
+        for rows in batches:
+            ids, mask, offsets = _padded([seqs[u] for u in rows], _hf.pad_id(tokenizer), padding_side)
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                           position_ids=_hf.position_ids(mask).to(dev)).logits
+            b_idx, pos, tgt, pair = [], [], [], []
+            for b, u in enumerate(rows):
+                for i in pairs_of[u]:
+                    start = offsets[b] + len(p_ids[i]) - 1
+                    for j, tok in enumerate(t_ids[i]):
+                        b_idx.append(b)
+                        pos.append(start + j)
+                        tgt.append(tok)
+                        pair.append(i)
+            sel = logits[torch.tensor(b_idx, device=dev), torch.tensor(pos, device=dev)].double()
+            tgt_t = torch.tensor(tgt, device=dev)
+            tok_logp = torch.log_softmax(sel, dim=-1).gather(-1, tgt_t[:, None])[:, 0].cpu()
+            hit = (sel.argmax(-1) == tgt_t).double().cpu()
+            pair_t = torch.tensor(pair)
+            nll.index_add_(0, pair_t, -tok_logp)
+            acc.index_add_(0, pair_t, hit)
+            if progress is not None:
+                progress.update(sum(len(pairs_of[u]) for u in rows))
+    lengths = torch.tensor([len(t) for t in t_ids], dtype=torch.float64)
+    return nll / lengths, acc / lengths
 
 
 def _left_padded(tokenizer, prompts: Sequence[str]):
-    ids = tokenizer(list(prompts))["input_ids"]
-    T = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), T), _hf.pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, T - len(x):] = torch.tensor(x)
-        mask[i, T - len(x):] = 1
-    return input_ids, mask
+    ids, mask, _ = _padded(tokenizer(list(prompts))["input_ids"], _hf.pad_id(tokenizer), "left")
+    return ids, mask
 
 
 @torch.no_grad()
