@@ -196,5 +196,5 @@ def resolve_corpus(corpus: str, model: str, num_samples: int | None):
     if n < 1:
         raise InputError(f"--num-samples must be positive, got {n}")
     arch = testbed_arch(model)
-    return (SequenceCorpus(list(testbed.generic_corpus(n)), name=f"testbed-generic-{n}"),
+    return (SequenceCorpus(list(testbed.generic_corpus(n, arch=arch or "llama")), name=f"testbed-generic-{n}"),
             f"fastedit-testbed-{arch}" if arch else model, None)

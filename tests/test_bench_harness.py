@@ -390,3 +390,27 @@ def test_commit_marked_dirty_once(harness, commit, dirty, shown):
     run = _run([_bench("x", "g", 1.0)], commit=commit)
     run["commit_info"]["dirty"] = dirty
     assert record.rows(run)[0]["commit"] == shown
+
+
+def test_testbed_quality_neighbours_and_collapse():
+    """benchmarks/testbed_quality.py: a neighbourhood prompt about a subject whose fact of the
+    same relation is edited in the run is left out (its true object changes by design); the
+    collapse point is the first curve point below the level."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        tq = importlib.import_module("testbed_quality")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+    def rec(subject, relation, neighbours):
+        return {"requested_rewrite": {"subject": subject, "relation_id": relation},
+                "neighborhood_prompts": neighbours}
+
+    recs = [rec("Ana Bo", "speaks", ["Cid Du speaks", "Eve Fa speaks"]), rec("Cid Du", "speaks", ["Ana Bo speaks"]),
+            rec("Eve Fa", "plays", ["Gil Ha plays the", "Ana Bo plays the"])]
+    kept, dropped = tq.unaffected_neighbours(recs)
+    assert [r["neighborhood_prompts"] for r in kept] == [["Eve Fa speaks"], [], ["Gil Ha plays the", "Ana Bo plays the"]]
+    assert dropped == 2 and recs[0]["neighborhood_prompts"] == ["Cid Du speaks", "Eve Fa speaks"]
+    curve = [{"edits": 100, "efficacy": 90.0, "specificity": 80.0}, {"edits": 200, "efficacy": 60.0, "specificity": 49.0},
+             {"edits": 300, "efficacy": 40.0, "specificity": 30.0}]
+    assert tq.collapse_point(curve, 50.0) == 200 and tq.collapse_point(curve, 20.0) is None

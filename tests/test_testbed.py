@@ -47,8 +47,8 @@ def test_heldout_templates_never_in_training_text():
 
 
 def test_shipped_tokenizer_splits_names_and_keeps_objects_whole(shipped):
-    _, _, tok = shipped
-    w = testbed.world()
+    arch, _, tok = shipped
+    w = testbed.world(arch=arch)
     for rel in RELATIONS.values():
         for o in rel["objects"]:
             assert len(tok(" " + o, add_special_tokens=False)["input_ids"]) == 1, o
@@ -66,7 +66,7 @@ def test_shipped_model_knows_the_world(shipped):
     # (0.97 for the Llama); a sample of subjects must reach 0.8x of it.
     measured = testbed.training_info(arch)["train_template_top1"]
     assert measured > 0.9
-    acc = fact_accuracy(model, tok, testbed.world(), heldout=False, n_subjects=20)
+    acc = fact_accuracy(model, tok, testbed.world(arch=arch), heldout=False, n_subjects=20)
     assert acc >= 0.8 * measured, (arch, acc, measured)
     layers = testbed.edit_layers(arch)
     assert layers and all(0 < l < model.config.num_hidden_layers for l in layers)

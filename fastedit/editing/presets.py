@@ -108,3 +108,5 @@ _TESTBED_OVERRIDES = {(None, "distribute"): {"layers": (0,), "blue_layers": None
 register("testbed-llama", _TESTBED, _TESTBED_OVERRIDES, source="tuned on the testbed (above)")
 # Not tuned separately: the GPT-2 testbed has the Llama's shape, so it starts from the same values.
 register("testbed-gpt2", _TESTBED, _TESTBED_OVERRIDES, source="the testbed-llama values")
+# The 2000-subject testbed (same Llama shape, more facts): not tuned separately either.
+register("testbed-llama-2k", _TESTBED, _TESTBED_OVERRIDES, source="the testbed-llama values")

@@ -21,11 +21,14 @@ from fastedit.errors import InputError
 from fastedit.testbed.world import RELATIONS, World, filler_sentence, make_world
 
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
-ARCHS = ("llama", "gpt2")
+#: ``llama`` and ``gpt2``: 400 subjects (2400 facts); ``llama-2k``: the same Llama shape trained on a
+#: world of 2000 subjects (12000 facts), long enough for sequential editing to reach collapse.
+ARCHS = ("llama", "gpt2", "llama-2k")
 
 #: What the editing methods rewrite in the testbed models: the MLP output projection of the
 #: middle layers (the testbed analogue of MEMIT's critical layers).
-EDIT_MODULES = {"llama": "model.layers.{}.mlp.down_proj", "gpt2": "transformer.h.{}.mlp.c_proj"}
+EDIT_MODULES = {"llama": "model.layers.{}.mlp.down_proj", "gpt2": "transformer.h.{}.mlp.c_proj",
+                "llama-2k": "model.layers.{}.mlp.down_proj"}
 
 __all__ = ["load", "world", "records", "generic_corpus", "stats", "stats_cached", "training_info", "edit_layers", "shipped",
            "EDIT_MODULES", "World", "RELATIONS"]
@@ -74,18 +77,20 @@ def edit_layers(arch: str = "llama") -> list[int]:
     return list(json.loads((_asset_dir(arch) / "config.json").read_text())["fastedit_testbed"]["edit_layers"])
 
 
-def world(seed: int | None = None, n_subjects: int | None = None) -> World:
-    """The synthetic world. Without arguments: the world the shipped models were trained on."""
+def world(seed: int | None = None, n_subjects: int | None = None, *, arch: str = "llama") -> World:
+    """The synthetic world. Without ``seed`` and ``n_subjects``: the world the shipped ``arch``
+    model was trained on (400 subjects for ``llama`` and ``gpt2``, 2000 for ``llama-2k``)."""
     if seed is None or n_subjects is None:
-        info = training_info("llama")
+        info = training_info(arch)
         seed = info["seed"] if seed is None else seed
         n_subjects = info["n_subjects"] if n_subjects is None else n_subjects
     return make_world(seed, n_subjects=n_subjects)
 
 
-def generic_corpus(n: int = 10_000, seed: int = 1) -> Iterator[str]:
-    """``n`` generic texts (world sentences mixed with filler) for covariance statistics."""
-    return world().generic_texts(n, seed=seed)
+def generic_corpus(n: int = 10_000, seed: int = 1, *, arch: str = "llama") -> Iterator[str]:
+    """``n`` generic texts (world sentences mixed with filler) of ``arch``'s world, for
+    covariance statistics."""
+    return world(arch=arch).generic_texts(n, seed=seed)
 
 
 #: Generic documents of the testbed statistics pass. C0 from 1000 documents (~16k tokens, d_k = 512)
@@ -136,7 +141,7 @@ def stats(arch: str = "llama", *, model=None, tokenizer=None, layers=None, cache
     if model is None or tokenizer is None:
         model, tokenizer = load(arch)
     layers = list(layers) if layers is not None else _stats_layers(arch)
-    docs = SequenceCorpus(list(generic_corpus(n_docs)), name=corpus)
+    docs = SequenceCorpus(list(generic_corpus(n_docs, arch=arch)), name=corpus)
     return collect_stats(model, tokenizer, layers, docs, cache_dir=cache_dir, model_name=name, progress=progress)
 
 
@@ -207,7 +212,7 @@ def records(n: int | None = None, format: str = "counterfact", *, seed: int = 0,
     """
     if format not in ("counterfact", "zsre"):
         raise InputError(f"format must be 'counterfact' or 'zsre', got {format!r}")
-    w = world()
+    w = world(arch=arch)
     known_list = [(int(i), r) for i, r in json.loads((_asset_dir(arch) / "known.json").read_text())]
     known = set(known_list)
     rels = list(w.relations)

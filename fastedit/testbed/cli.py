@@ -9,6 +9,7 @@ import json
 import pathlib
 
 from fastedit.errors import InputError
+from fastedit.testbed import ARCHS
 
 
 def configure(parser) -> None:
@@ -18,10 +19,10 @@ def configure(parser) -> None:
     w.add_argument("--format", choices=("counterfact", "zsre"), default="counterfact")
     w.add_argument("-n", type=int, default=None, help="number of records (default: every known fact)")
     w.add_argument("--seed", type=int, default=0, help="seed of the sample of facts")
-    w.add_argument("--arch", choices=("llama", "gpt2"), default="llama",
+    w.add_argument("--arch", choices=ARCHS, default="llama",
                    help="only facts this shipped model knows")
     t = sub.add_parser("train", help="train a testbed model from a seed (deterministic on CPU)")
-    t.add_argument("--arch", choices=("llama", "gpt2"), default="llama")
+    t.add_argument("--arch", choices=ARCHS, default="llama")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the shipped model's)")
     t.add_argument("--batch-size", type=int, default=None)

@@ -38,7 +38,7 @@ def configure(parser) -> None:
     from fastedit.editing.methods import METHODS, STRATEGIES
     from fastedit.loading import add_threads_argument
 
-    parser.add_argument("--arch", default="llama", help="testbed model: llama (default) or gpt2")
+    parser.add_argument("--arch", default="llama", help="testbed model: llama (default), gpt2, or llama-2k (2000 subjects)")
     parser.add_argument("--n", type=int, default=100, help="number of facts to rewrite (default 100)")
     parser.add_argument("--batch-size", type=int, default=50,
                         help="edits per sequential batch (default 50: two batches for 100 facts)")

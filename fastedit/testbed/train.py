@@ -26,11 +26,17 @@ ARCHS = {
     "gpt2": dict(n_embd=128, n_inner=512, n_layer=4, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
                  attn_pdrop=0.0),
 }
+#: The larger world (issue 12: sequential editing long enough to reach collapse): the same
+#: Llama shape trained on 2000 subjects (12000 facts) instead of 400.
+ARCHS["llama-2k"] = ARCHS["llama"]
+#: The ``transformers`` model class each testbed arch is built from.
+BASE = {"llama": "llama", "gpt2": "gpt2", "llama-2k": "llama"}
 EDIT_LAYERS = [1, 2]
 #: The training settings of the shipped models (``fastedit testbed train`` reproduces them).
 DEFAULTS = {
     "llama": dict(steps=1500, batch_size=32, lr=3e-3, n_subjects=400),
     "gpt2": dict(steps=1500, batch_size=32, lr=3e-3, n_subjects=400),
+    "llama-2k": dict(steps=5000, batch_size=32, lr=3e-3, n_subjects=2000),
 }
 VOCAB_SIZE = 1024
 MAX_LEN = 128
@@ -45,7 +51,7 @@ def make_model(arch: str, tokenizer, seed: int, **overrides):
                pad_token_id=tokenizer.pad_token_id)
     size = {**ARCHS[arch], **overrides}
     testbed_info = {"edit_layers": EDIT_LAYERS, "seed": seed}
-    if arch == "llama":
+    if BASE[arch] == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=MAX_LEN * 2,
