@@ -3,6 +3,8 @@
 - :func:`context_length`: the longest sequence a model's config admits.
 - :func:`pad_id`: the id used to pad a batch (attention masks hide it, so any valid id works).
 - :func:`position_ids`: positions that count real tokens only, whatever the padding side.
+- :func:`cache_argument`, :func:`output_cache`: the key/value cache's name going in and out,
+  which changed between ``transformers`` releases.
 """
 from __future__ import annotations
 
@@ -35,3 +37,17 @@ def position_ids(mask):
     (``mask.cumsum(-1) − 1``, 0 on leading padding), so that a left-padded row gets the
     positions it would have alone."""
     return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def cache_argument(model) -> str:
+    """The name of the forward argument that takes a key/value cache: ``cache`` in newer
+    ``transformers`` releases, ``past_key_values`` before (still accepted there, with a warning)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The key/value cache a forward returned (``out.cache``, or ``out.past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

@@ -224,6 +224,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     """
     dev = _device(model)
     eos, pad = tokenizer.eos_token_id, _hf.pad_id(tokenizer)
+    cache_name = _hf.cache_argument(model)
     texts = []
     for sl in _batches(len(prompts), batch_size):
         ids, mask = _left_padded(tokenizer, prompts[sl])
@@ -240,7 +241,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1,
-                        past_key_values=out.past_key_values, use_cache=True)
+                        use_cache=True, **{cache_name: _hf.output_cache(out)})
         for row, m in zip(ids.cpu(), mask.cpu()):
             texts.append(tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True))
     return texts

@@ -11,12 +11,12 @@ new hidden state and the recorded arguments. Whatever the model computes before 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from fastedit import _hf
 from fastedit.models.adapters import ModelAdapter
 from fastedit.models.hooks import _hidden
 
@@ -100,8 +100,7 @@ class PrefixCache:
 
         from fastedit.models.hooks import forward_until
 
-        params = inspect.signature(model.forward).parameters
-        self.name = "cache" if "cache" in params else "past_key_values"
+        self.name = _hf.cache_argument(model)
         self.cache = DynamicCache(config=model.config)
         with torch.no_grad():
             forward_until(model, adapter.block(stop), input_ids=input_ids, attention_mask=attention_mask,
