@@ -134,3 +134,17 @@ def test_testbed_cli_world(tmp_path):
     recs = load_records(out)
     assert len(recs) == 7 and recs[0]["format"] == "zsre"
     assert json.loads(out.read_text()) == testbed.records(7, format="zsre")
+
+
+def test_stats_cached_reads_the_format(tmp_path):
+    from fastedit.linalg import CovarianceAccumulator
+    from fastedit.stats.cache import layer_path
+
+    kw = dict(layers=[1], cache_dir=tmp_path, n_docs=8)
+    assert not testbed.stats_cached("llama", **kw)
+    acc = testbed.stats("llama", **kw)[1]
+    assert testbed.stats_cached("llama", **kw)
+    path = next(tmp_path.rglob(layer_path(tmp_path, 1).name))
+    meta = dict(CovarianceAccumulator.load(path).metadata)
+    acc.save(path, {**meta, "format": "fastedit-covariance-1"})  # as an older release wrote it
+    assert not testbed.stats_cached("llama", **kw)

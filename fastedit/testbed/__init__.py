@@ -110,9 +110,19 @@ def _stats_request(arch: str, cache_dir, n_docs: int):
 
 
 def stats_cached(arch: str = "llama", *, layers=None, cache_dir=None, n_docs: int = STATS_DOCS) -> bool:
-    """Whether :func:`stats` would load every layer from the cache instead of computing it."""
+    """Whether :func:`stats` would load every layer from the cache instead of computing it: a
+    finished file of the current format for each layer (from the headers; a file of an older
+    format, or a checkpoint, is recomputed by :func:`stats`, so it does not count)."""
+    from fastedit.errors import CacheMismatchError
+    from fastedit.stats.cache import check_directory
+
     _, _, _, path = _stats_request(arch, cache_dir, n_docs)
-    return all(path(l).is_file() for l in (layers if layers is not None else _stats_layers(arch)))
+    layers = list(layers) if layers is not None else _stats_layers(arch)
+    try:
+        check_directory(path(layers[0]).parent, layers)
+    except (InputError, CacheMismatchError, OSError, ValueError):
+        return False
+    return True
 
 
 def _stats_layers(arch: str) -> list[int]:
