@@ -155,8 +155,19 @@ def stats(arch: str = "llama", *, model=None, tokenizer=None, layers=None, cache
     return collect_stats(model, tokenizer, layers, docs, cache_dir=cache_dir, model_name=name, progress=progress)
 
 
-def _case(w: World, case_id: int, known: set) -> dict:
-    """The CounterFact record of one fact; everything in it is a function of the case id."""
+def _known_by_object(w: World, known: set) -> dict:
+    """(relation, object) -> the indices, in order, of the subjects whose known fact it is."""
+    out: dict = {}
+    for i, s in enumerate(w.subjects):
+        for r in w.relations:
+            if (i, r) in known:
+                out.setdefault((r, w.facts[s][r]), []).append(i)
+    return out
+
+
+def _case(w: World, case_id: int, by_object: dict) -> dict:
+    """The CounterFact record of one fact; everything in it is a function of the case id.
+    ``by_object`` is :func:`_known_by_object` of the world and the known facts."""
     rels = list(w.relations)
     si, ri = divmod(case_id, len(rels))
     subject, relation = w.subjects[si], rels[ri]
@@ -164,9 +175,8 @@ def _case(w: World, case_id: int, known: set) -> dict:
     true = w.facts[subject][relation]
     rng = random.Random(f"{w.seed}:{case_id}")
     new = rng.choice([o for o in rel["objects"] if o != true])
-    others = [(i, s) for i, s in enumerate(w.subjects) if i != si]
-    same_true = [s for i, s in others if w.facts[s][relation] == true and (i, relation) in known]
-    same_new = [s for i, s in others if w.facts[s][relation] == new and (i, relation) in known]
+    same_true = [w.subjects[i] for i in by_object.get((relation, true), []) if i != si]
+    same_new = [w.subjects[i] for i in by_object.get((relation, new), []) if i != si]
     return {
         "case_id": case_id,
         "requested_rewrite": {
@@ -231,7 +241,8 @@ def records(n: int | None = None, format: str = "counterfact", *, seed: int = 0,
         if not 0 < n <= len(ids):
             raise InputError(f"n must be between 1 and {len(ids)} (the facts the testbed model knows), got {n}")
         ids = sorted(random.Random(seed).sample(ids, n))
-    out = [_case(w, cid, known) for cid in ids]
+    by_object = _known_by_object(w, known)
+    out = [_case(w, cid, by_object) for cid in ids]
     if format == "zsre":
         out = [_zsre(w, rec, known_list) for rec in out]
     return out
