@@ -188,3 +188,33 @@ def test_the_chunk_budget_reaches_every_pass_and_changes_nothing(monkeypatch):
         assert_close(deltas[1][l], deltas[0][l], 1e-9, f"ΔW of layer {l} in chunks")
     with pytest.raises(InputError, match="max_chunk_tokens"):
         hp.replace(max_chunk_tokens=0)
+
+
+def test_vstar_autocast_reaches_every_v_star_and_bad_values_are_refused(monkeypatch):
+    """EditParams.vstar_autocast goes to each v* of a batch (off by default); with it on, a float32
+    model's ΔW stays close to the float32 run's (bfloat16 in v*'s upper blocks only)."""
+    tok = W.tokenizer()
+    hp = presets.get("tiny", method="alphaedit", strategy="blue").replace(layers=(0, 1, 2), v_num_grad_steps=4)
+    seen = []
+    real = methods_mod.compute_targets
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("autocast"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(methods_mod, "compute_targets", spy)
+    deltas = []
+    for autocast in (None, "bfloat16"):
+        model = W.model("llama", dtype=torch.float32)
+        editor = Editor(model, tok, method="alphaedit", strategy="blue", hparams=hp.replace(vstar_autocast=autocast),
+                        stats=W.covariances(model, hp.layers), progress=False)
+        editor.edit(W.REQUESTS, batch_size=100)
+        deltas.append({l: editor.adapter.weight(l) - (editor._originals[l].T if editor.adapter.transposed
+                                                      else editor._originals[l]) for l in editor.edit_layers})
+    assert seen == [None, None, "bfloat16", "bfloat16"]
+    for l in deltas[0]:
+        assert not torch.equal(deltas[1][l], deltas[0][l])
+        assert_close(deltas[1][l], deltas[0][l], 0.05, f"ΔW of layer {l} with v* in bfloat16")  # 4e-3 measured
+    for bad in ("float16", "bf16", True, torch.bfloat16):
+        with pytest.raises(InputError, match="vstar_autocast"):
+            hp.replace(vstar_autocast=bad)

@@ -196,7 +196,7 @@ class BatchRun:
         """
         t = self._timed("targets", compute_targets, self.model, self.tok, self.adapter, self.kept_requests, layer,
                         templates=self.templates, hparams=self.vparams, max_chunk_tokens=self.hparams.max_chunk_tokens,
-                        checkpoint=self.hparams.vstar_checkpoint)
+                        checkpoint=self.hparams.vstar_checkpoint, autocast=self.hparams.vstar_autocast)
         rec = {"steps": _tolist(t.steps), "loss": _tolist(t.loss), "nll": _tolist(t.nll),
                "delta_norm": _tolist(t.delta.to(torch.float64).norm(dim=-1)), "requests": list(self.kept),
                "chunks": t.chunks, "path": t.path}
