@@ -244,3 +244,39 @@ def test_one_batch_alphaedit_blue(benchmark, bench_size, device, timed):
     benchmark.extra_info["chunks"] = {l: v["chunks"] for l, v in r["batches"][0]["vstar"].items()}
     if device.type == "cuda":
         benchmark.extra_info["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+
+
+# --- the key passes of one batch's edited layers, with and without the kept hidden states -------
+
+@pytest.mark.parametrize("reuse", ["embeddings", "previous layer"])
+def test_key_passes(benchmark, bench_size, timed, reuse):
+    """compute_keys at each edited layer in turn (the mid size's layers 1, 2, 3; 25 testbed facts,
+    the preset's 5 context prompts), each pass from the embeddings (a HiddenCache with no budget)
+    or from the hidden states the previous layer's pass kept. Records the blocks run and that the
+    keys are bit for bit the same."""
+    from fastedit.editing.keys import HiddenCache, compute_keys
+
+    s = _mid_setup(bench_size)
+    c, model, tok = s["c"], s["model"], s["tok"]
+    ad = get_adapter(model)
+    hp = presets.get("llama3-8b").replace(layers=c["edit_layers"])
+    templates = context_templates(model, tok, n=hp.context_n, length=hp.context_length)
+    requests = s["requests"][:c["batch"]]
+    caches, keys = [], []
+
+    def run():
+        cache = HiddenCache(budget_bytes=0 if reuse == "embeddings" else None)
+        keys.append([compute_keys(model, tok, ad, requests, [l], templates=templates, cache=cache)[l]
+                     for l in c["edit_layers"]])
+        caches.append(cache)
+
+    benchmark.group = f"key passes of layers {c['edit_layers']}"
+    benchmark.extra_info.update(role="baseline" if reuse == "embeddings" else "fastedit",
+                                op="keys of successive edited layers", edits=len(requests), variant=reuse,
+                                size=f"d={c['d']} d_k={c['d_k']} L={c['layers']} layers={list(c['edit_layers'])}")
+    benchmark.pedantic(timed(run), rounds=bench_size.pick(small=1, full=5), iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(blocks_run=caches[-1].blocks_run, blocks_skipped=caches[-1].blocks_skipped)
+    _MID[("keys", bench_size, reuse)] = keys[-1]
+    other = [v for k, v in _MID.items() if isinstance(k, tuple) and k[:2] == ("keys", bench_size) and k[2] != reuse]
+    if other:
+        benchmark.extra_info["keys_bit_identical"] = all(torch.equal(a, b) for a, b in zip(keys[-1], other[0]))

@@ -167,3 +167,113 @@ def test_vstar_flops_per_edit_iteration(benchmark, timed, c, impl):
         benchmark.extra_info["flop_ratio_reference_over_fastedit"] = round(_FLOPS[key]["baseline"] /
                                                                            _FLOPS[key]["fastedit"], 2)
     benchmark.pedantic(timed(lambda: fn(c["steps"])), rounds=1, iterations=1, warmup_rounds=0)
+
+
+# --- bfloat16 autocast of v* (EditParams.vstar_autocast) ----------------------------------------
+# A float32 random Llama (the case autocast is for: a float32 model whose v* matmuls could run in
+# bfloat16), v* with and without autocast="bfloat16" on the same problem; the bfloat16 entry
+# records how far its δ and z are from the float32 ones. And the testbed: AlphaEdit + BLUE + NAS
+# on its facts in the demo's batches, with and without, and the CounterFact metrics after.
+
+# "wide" (CPU): matmuls large enough that bfloat16's speed shows (AMX on this project's CPU).
+AUTOCAST_SIZES = {"small": [dict(name="tiny", layers=6, d=48, d_ff=112, vocab=97, n=8, layer=1, steps=5)],
+                  "full": [dict(name="mid", layers=8, d=256, d_ff=688, vocab=4096, n=32, layer=2, steps=10),
+                           dict(name="wide", layers=6, d=1024, d_ff=2816, vocab=4096, n=16, layer=2, steps=4)],
+                  "gpu": [dict(name="gpu", layers=16, d=2048, d_ff=5632, vocab=32000, n=100, layer=4, steps=20)]}
+_AUTOCAST: dict = {}
+
+
+@pytest.mark.parametrize("autocast", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", AUTOCAST_SIZES[__import__("os").environ.get("FASTEDIT_BENCH_SIZE") or
+                                                 ("gpu" if torch.cuda.is_available() else "small")],
+                         ids=lambda c: c["name"])
+def test_vstar_autocast(benchmark, timed, bench_size, device, autocast, case):
+    size = case
+    key = ("problem", size["name"], str(device))
+    if key not in _AUTOCAST:
+        model = tiny_model("llama", vocab_size=size["vocab"], dtype=torch.float32, hidden_size=size["d"],
+                           intermediate_size=size["d_ff"], num_hidden_layers=size["layers"],
+                           num_attention_heads=max(4, size["d"] // 128), num_key_value_heads=max(2, size["d"] // 256),
+                           initializer_range=0.2).to(device)
+        tok = tiny_tokenizer()
+        pairs = list(itertools.product(PROMPTS, SUBJECTS))
+        requests = [Request(*pairs[i % len(pairs)], TARGETS[i % len(pairs) % len(TARGETS)]) for i in range(size["n"])]
+        _AUTOCAST[key] = (model, tok, get_adapter(model), requests, context_templates(model, tok, n=5, length=10),
+                          VStarParams(size["steps"], v_lr=0.1, loss_stop=0.0))
+    model, tok, ad, requests, templates, hp = _AUTOCAST[key]
+    out = []
+    benchmark.group = f"v* bfloat16 autocast, float32 model ({device.type})"
+    benchmark.extra_info.update(role="fastedit", op=f"v* float32 model, {autocast} matmuls", edits=size["n"],
+                                size=_label(size), variant=autocast)
+    run = lambda: out.append(compute_targets(model, tok, ad, requests, size["layer"], templates=templates, hparams=hp,
+                                             autocast=None if autocast == "float32" else autocast))
+    benchmark.pedantic(timed(run), rounds=bench_size.pick(small=1, full=2, gpu=3), iterations=1, warmup_rounds=0)
+    _AUTOCAST[(autocast, size["name"], str(device))] = out[-1]
+    ref = _AUTOCAST.get(("float32", size["name"], str(device)))
+    if autocast != "float32" and ref is not None:
+        benchmark.extra_info["delta_rel_diff_vs_float32"] = f"{rel_error(out[-1].delta, ref.delta):.1e}"
+        benchmark.extra_info["z_rel_diff_vs_float32"] = f"{rel_error(out[-1].z, ref.z):.1e}"
+        benchmark.extra_info["loss_rel_diff_vs_float32"] = f"{rel_error(out[-1].loss, ref.loss):.1e}"
+
+
+TESTBED_AUTOCAST = {"small": dict(n=4, batch=4, steps=4), "full": dict(n=100, batch=50), "gpu": dict(n=100, batch=50)}
+
+
+@pytest.mark.parametrize("autocast", ["float32", "bfloat16"])
+def test_vstar_autocast_testbed(benchmark, timed, bench_size, device, autocast):
+    """AlphaEdit + BLUE + NAS on the testbed Llama (float32), preset testbed-llama, the demo's
+    facts and batches (100 in 2 batches of 50 at the full size), with v* in float32 or with
+    bfloat16 autocast: time, v* time, CounterFact metrics after, and δ of the first boundary
+    layer on the unedited model against float32's. The smoke size takes 4 v* steps."""
+    from fastedit import presets, testbed
+    from fastedit.editing import Editor, load_records, requests_from_records
+    from fastedit.eval import evaluate
+
+    c = TESTBED_AUTOCAST[bench_size]
+    key = ("testbed", str(device))
+    if key not in _AUTOCAST:
+        model, tok = testbed.load("llama", device=device)
+        records = load_records(testbed.records(c["n"]))
+        _AUTOCAST[key] = dict(model=model, tok=tok, records=records, requests=requests_from_records(records),
+                              stats=testbed.stats("llama", model=model, tokenizer=tok, progress=False),
+                              weights={l: p.detach().clone() for l, p in
+                                       ((l, get_adapter(model).weight_param(l)) for l in (0, 1))})
+    s = _AUTOCAST[key]
+    model, tok, ad = s["model"], s["tok"], get_adapter(s["model"])
+    hp = presets.get("testbed-llama", method="alphaedit", strategy="blue").replace(
+        vstar_autocast=None if autocast == "float32" else autocast)
+    if "steps" in c:
+        hp = hp.replace(v_num_grad_steps=c["steps"])
+
+    def reset():
+        for l, w in s["weights"].items():
+            ad.weight_param(l).data.copy_(w)
+
+    reset()
+    templates = context_templates(model, tok, n=hp.context_n, length=hp.context_length)
+    layer = hp.boundary_layers[0]
+    t = compute_targets(model, tok, ad, s["requests"], layer, templates=templates, hparams=hp.vstar_params(),
+                        autocast=hp.vstar_autocast)
+    _AUTOCAST[("testbed delta", autocast, str(device))] = t
+    reports = []
+
+    def run():
+        editor = Editor(model, tok, method="alphaedit", strategy="blue", nas=True, hparams=hp, stats=s["stats"],
+                        progress=False)
+        reports.append(editor.edit(s["requests"], batch_size=c["batch"]))
+
+    benchmark.group = f"AlphaEdit+BLUE+NAS on the testbed, v* bfloat16 autocast ({device.type})"
+    benchmark.extra_info.update(role="fastedit", op=f"testbed AlphaEdit+BLUE+NAS, v* {autocast}", edits=c["n"],
+                                size=f"testbed llama {c['n'] // c['batch']}x{c['batch']}", variant=autocast)
+    benchmark.pedantic(timed(run), setup=reset, rounds=1, iterations=1, warmup_rounds=0)
+    metrics = evaluate(model, tok, s["records"], progress=False)
+    reset()
+    r = reports[-1]
+    benchmark.extra_info.update(
+        {k: round(metrics[k], 2) for k in ("efficacy", "generalization", "specificity", "score")},
+        n_edited=r.n_edited, vstar_seconds=round(r.times().get("targets", 0.0), 3),
+        stage_seconds={k: round(v, 3) for k, v in r.times().items()}, prepare_seconds=round(r.prepare_seconds, 3))
+    ref = _AUTOCAST.get(("testbed delta", "float32", str(device)))
+    if autocast != "float32" and ref is not None:
+        benchmark.extra_info["delta_rel_diff_vs_float32"] = f"{rel_error(t.delta, ref.delta):.1e}"
+        benchmark.extra_info["z_rel_diff_vs_float32"] = f"{rel_error(t.z, ref.z):.1e}"

@@ -13,7 +13,9 @@
 #   null_space   bench_null_space.py (AlphaEdit's reduced solve)
 #   edit         bench_edit.py -k "alphaedit and blue" (2000 edits, AlphaEdit_BLUE, Llama3-8B shape)
 #   stats        bench_stats.py (covariance pass)
-#   targets      bench_targets.py (batched v*)
+#   targets      bench_targets.py (batched v*), without the autocast entries of the next step
+#   autocast     bench_targets.py -k autocast: v* of a float32 model with and without bfloat16 autocast
+#                (EditParams.vstar_autocast): time, δ / z difference; the testbed edit's metrics with it
 #   ext          bench_ext.py (the compiled ops)
 #   norm_anchor  bench_norm_anchor.py
 #
@@ -224,7 +226,8 @@ main() {
     bench null_space 60 150 bench_null_space.py
     bench edit 150 300 bench_edit.py -k "alphaedit and blue"
     bench stats 60 150 bench_stats.py
-    bench targets 60 150 bench_targets.py
+    bench targets 60 150 bench_targets.py -k "not autocast"
+    bench autocast 60 180 bench_targets.py -k autocast
     bench ext 30 90 bench_ext.py
     bench norm_anchor 20 60 bench_norm_anchor.py
     [[ -s $OUT/table.md ]] && { echo; cat "$OUT/table.md"; }

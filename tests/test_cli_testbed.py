@@ -96,3 +96,30 @@ def test_eval_fluency_without_generation_prompts_warns_and_writes_json(tmp_path,
     assert report["fluency"] is None and "generation_prompts" in report["missing"]["fluency"]
     assert report["before"]["efficacy"] == report["efficacy"] == 0.0
     assert len(report["cases"]) == 2
+
+
+def test_edit_vstar_autocast_reaches_the_editor(tmp_path, records_file, monkeypatch, capsys):
+    """--vstar-autocast bfloat16 sets EditParams.vstar_autocast (off without it); other values are
+    refused by the parser."""
+    import fastedit.editing.editor as editor_mod
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_editor(*args, hparams, **kwargs):
+        seen.append(hparams.vstar_autocast)
+        raise Stop
+
+    monkeypatch.setattr(editor_mod, "Editor", fake_editor)
+    monkeypatch.setattr("fastedit.editing.cli.load_model", lambda *a, **k: testbed.load("llama"))
+    base = ["edit", "--model", "testbed", "--requests", str(records_file), "--out", str(tmp_path / "o"),
+            "--threads", "1", "--no-progress"]
+    for extra in ([], ["--vstar-autocast", "bfloat16"]):
+        with pytest.raises(Stop):
+            main(base + extra)
+    assert seen == [None, "bfloat16"]
+    with pytest.raises(SystemExit):
+        main(base + ["--vstar-autocast", "float16"])
+    assert "--vstar-autocast" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from fastedit.editing.requests import Request
 from fastedit.editing.tokens import encode_with_lookup
 from fastedit.errors import InputError
 from fastedit.models import capture, get_adapter, tiny_model
-from fastedit.models.tiny import tiny_tokenizer
+from fastedit.models.tiny import ARCHS as ALL_ARCHS, tiny_tokenizer
 from fastedit.testing import assert_close
 
 ARCHS = ["gpt2", "gptj", "llama"]
@@ -114,3 +114,87 @@ def test_token_budget_chunks_give_the_same_reads():
     assert_close(block_outputs_at_lookup(model, tok, ad, reqs, 2, max_chunk_tokens=12), h, 1e-12, f"seed {seed}")
     with pytest.raises(InputError, match="max_chunk_tokens"):
         values_at_lookup(model, tok, ad, reqs, 2, max_chunk_tokens=-1)
+
+
+def _count_blocks(ad):
+    """Blocks computed, counted at their rewrite module (a skipped block calls none of its modules)."""
+    ran = []
+    handles = [ad.rewrite_module(l).register_forward_pre_hook(lambda *a, _l=l: ran.append(_l))
+               for l in range(ad.num_layers)]
+    return ran, handles
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_key_passes_of_successive_layers_reuse_the_lower_blocks_bit_for_bit(arch):
+    """Layers 1 < 2 < 3 edited in turn: each key pass starts at the block the previous one left its
+    hidden states at and gives, bit for bit (float64, one thread), the keys of a pass from the
+    embeddings on the model as edited so far; 2 + 2 + 2 blocks run instead of 2 + 3 + 4."""
+    import _editing_world as W
+    from fastedit.editing.keys import HiddenCache
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one reduction order for both passes
+    try:
+        model, tok = tiny_model(arch, dtype=torch.float64, initializer_range=0.1), W.tokenizer()
+        ad, tpl, reqs = get_adapter(model), [["{}"], ["Paris is in Italy. {}", "The guitar. {}"]], W.REQUESTS * 2
+        seed = int.from_bytes(os.urandom(2), "little")
+        gen = torch.Generator().manual_seed(seed)
+        cache, counts = HiddenCache(), []
+        for layer in (1, 2, 3):
+            ran, handles = _count_blocks(ad)
+            try:
+                reused = compute_keys(model, tok, ad, reqs, [layer], templates=tpl, cache=cache)[layer]
+            finally:
+                for h in handles:
+                    h.remove()
+            counts.append(len(ran))
+            fresh = compute_keys(model, tok, ad, reqs, [layer], templates=tpl)[layer]
+            assert torch.equal(reused, fresh), (arch, layer, seed)
+            w = ad.weight_param(layer)
+            with torch.no_grad():  # the edit of this layer
+                w.add_(0.1 * w.norm() / w.numel() ** 0.5 * torch.randn(w.shape, generator=gen, dtype=w.dtype))
+            cache.changed(layer)
+        assert counts == [2, 2, 2] and (cache.blocks_run, cache.blocks_skipped) == (6, 3), (arch, counts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_key_cache_keeps_what_fits_its_budget_and_drops_what_is_stale():
+    """A budget that holds some chunks' states or none: those chunks start from the embeddings,
+    the keys are the same; a cache for other prompts, or below whose start a layer changed, is
+    not used."""
+    from fastedit.editing.keys import HiddenCache
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tok, ad, seed = _setup("llama")
+        tpl = [["{}"], ["Paris is in Italy. {}", "The guitar. {}"]]
+        reqs = REQUESTS * 3
+        ref = {l: compute_keys(model, tok, ad, reqs, [l], templates=tpl, max_chunk_tokens=40)[l] for l in (1, 2, 3)}
+        whole = HiddenCache()
+        compute_keys(model, tok, ad, reqs, [1], templates=tpl, max_chunk_tokens=40, cache=whole)
+        chunks = len(whole.states)
+        assert chunks > 2 and whole.nbytes > 0
+        sizes = sorted(t.numel() * t.element_size() for t in whole.states.values())
+        for budget, kept in ((0, 0), (sizes[0], 1), (None, chunks)):
+            cache = HiddenCache(budget_bytes=budget)
+            for layer in (1, 2, 3):
+                got = compute_keys(model, tok, ad, reqs, [layer], templates=tpl, max_chunk_tokens=40, cache=cache)
+                assert torch.equal(got[layer], ref[layer]), (budget, layer, seed)
+                assert len(cache.states) == kept, (budget, layer)
+            assert cache.blocks_skipped == 3 * kept, budget  # 1 block a kept chunk at layer 2, 2 at layer 3
+        # other prompts: not used (and replaced); a change below the start: dropped
+        cache = HiddenCache()
+        compute_keys(model, tok, ad, reqs, [2], templates=tpl, cache=cache)
+        other = compute_keys(model, tok, ad, REQUESTS, [3], templates=tpl, cache=cache)
+        assert cache.blocks_skipped == 0 and cache.start == 3
+        assert torch.equal(other[3], compute_keys(model, tok, ad, REQUESTS, [3], templates=tpl)[3])
+        cache.changed(3)
+        assert cache.start == 3
+        cache.changed(1)
+        assert cache.start is None and not cache.states
+        with pytest.raises(InputError, match="budget_bytes"):
+            HiddenCache(budget_bytes=-1)
+    finally:
+        torch.set_num_threads(threads)

@@ -188,3 +188,69 @@ def test_the_chunk_budget_reaches_every_pass_and_changes_nothing(monkeypatch):
         assert_close(deltas[1][l], deltas[0][l], 1e-9, f"ΔW of layer {l} in chunks")
     with pytest.raises(InputError, match="max_chunk_tokens"):
         hp.replace(max_chunk_tokens=0)
+
+
+def test_vstar_autocast_reaches_every_v_star_and_bad_values_are_refused(monkeypatch):
+    """EditParams.vstar_autocast goes to each v* of a batch (off by default); with it on, a float32
+    model's ΔW stays close to the float32 run's (bfloat16 in v*'s upper blocks only)."""
+    tok = W.tokenizer()
+    hp = presets.get("tiny", method="alphaedit", strategy="blue").replace(layers=(0, 1, 2), v_num_grad_steps=4)
+    seen = []
+    real = methods_mod.compute_targets
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("autocast"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(methods_mod, "compute_targets", spy)
+    deltas = []
+    for autocast in (None, "bfloat16"):
+        model = W.model("llama", dtype=torch.float32)
+        editor = Editor(model, tok, method="alphaedit", strategy="blue", hparams=hp.replace(vstar_autocast=autocast),
+                        stats=W.covariances(model, hp.layers), progress=False)
+        editor.edit(W.REQUESTS, batch_size=100)
+        deltas.append({l: editor.adapter.weight(l) - (editor._originals[l].T if editor.adapter.transposed
+                                                      else editor._originals[l]) for l in editor.edit_layers})
+    assert seen == [None, None, "bfloat16", "bfloat16"]
+    for l in deltas[0]:
+        assert not torch.equal(deltas[1][l], deltas[0][l])
+        assert_close(deltas[1][l], deltas[0][l], 0.05, f"ΔW of layer {l} with v* in bfloat16")  # 4e-3 measured
+    for bad in ("float16", "bf16", True, torch.bfloat16):
+        with pytest.raises(InputError, match="vstar_autocast"):
+            hp.replace(vstar_autocast=bad)
+
+
+@pytest.mark.parametrize("method,strategy,nas,regularizer", [("memit", "distribute", False, None),
+                                                             ("alphaedit", "distribute", True, "rect"),
+                                                             ("alphaedit", "blue", True, "prune")])
+def test_key_passes_reuse_the_unchanged_lower_blocks_with_the_same_weights(monkeypatch, method, strategy, nas,
+                                                                         regularizer):
+    """Each layer's key pass starts at the block the previous layer's pass left its hidden states
+    at: the edited weights are bit for bit those with nothing kept (float64, one thread), and the
+    report counts the blocks each layer's key pass ran."""
+    from fastedit.editing.keys import HiddenCache
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tok = W.tokenizer()
+    hp = presets.get("tiny", method=method, strategy=strategy).replace(layers=(1, 2, 3), v_num_grad_steps=3,
+                                                                       nas_sample_size=4)
+    out = []
+    try:
+        for budget in (None, 0):
+            monkeypatch.setattr(methods_mod, "HiddenCache", lambda _b=budget: HiddenCache(budget_bytes=_b))
+            model = W.model("llama", dtype=torch.float64)
+            editor = Editor(model, tok, method=method, strategy=strategy, nas=nas, regularizer=regularizer,
+                            hparams=hp, stats=W.covariances(model, hp.layers), progress=False)
+            report = editor.edit(W.REQUESTS + W.MORE_REQUESTS, batch_size=100).to_dict()
+            out.append(({l: editor.adapter.weight(l).clone() for l in range(editor.adapter.num_layers)},
+                        {int(l): (v["key_blocks_run"], v["key_blocks_skipped"])
+                         for l, v in report["batches"][0]["layers"].items()}))
+    finally:
+        torch.set_num_threads(threads)
+    (reused, blocks), (fresh, fresh_blocks) = out
+    for l in reused:
+        assert torch.equal(reused[l], fresh[l]), (method, strategy, l)
+    # one chunk here: distribute runs blocks 0-1, then 1-2, then 2-3; BLUE 0-1, then 1-3
+    expected = {"distribute": {1: (2, 0), 2: (2, 1), 3: (2, 2)}, "blue": {1: (2, 0), 3: (3, 1)}}[strategy]
+    assert blocks == expected and fresh_blocks == {l: (l + 1, 0) for l in expected}, (blocks, fresh_blocks)

@@ -353,3 +353,69 @@ def test_suffix_path_falls_back_to_the_whole_replay(monkeypatch):
     assert_close(back.z, ok.z, 1e-10, f"seed {seed}")
     with pytest.raises(InputError, match="max_chunk_tokens"):
         compute_targets(model, tok, ad, REQUESTS[:1], LAYER, templates=tpl, max_chunk_tokens=0)
+
+
+def test_bfloat16_autocast_runs_only_the_upper_blocks_and_the_readout_in_bfloat16(monkeypatch):
+    """autocast="bfloat16": the blocks above the edited layer and the readout run under autocast,
+    the blocks up to it do not (h_init, v0 bit for bit those of the float32 run), δ stays float32
+    and lands within bfloat16's reach of the float32 δ. Off (the default), nothing runs under
+    autocast. Tolerances from 5 steps on random tiny float32 models (δ: 1-5e-2 measured)."""
+    model, tok, ad, tpl, seed = _setup("llama", dtype=torch.float32, templates=2)
+    hp = VStarParams(5, clamp_norm_factor=0.3, loss_stop=0.0)
+    import fastedit.editing.targets as targets
+
+    seen: dict = {}  # where the optimisation's forwards ran under autocast (not the checks before it)
+    inside = []
+    real = targets._optimise
+
+    def optimise(*args, **kwargs):
+        inside.append(True)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(targets, "_optimise", optimise)
+
+    def note(where):
+        def hook(mod, args):
+            if inside and torch.is_grad_enabled():  # not the no-gradient prefix passes
+                seen.setdefault(where, set()).add(torch.is_autocast_enabled("cpu"))
+        return hook
+
+    handles = [ad.block(l).register_forward_pre_hook(note(l)) for l in range(ad.num_layers)]
+    handles.append(ad.final_norm.register_forward_pre_hook(note("readout")))
+    try:
+        off = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp)
+        assert all(v == {False} for v in seen.values()), seen
+        seen.clear()
+        on = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp, autocast="bfloat16")
+        assert {k: v for k, v in seen.items() if k != "readout" and k <= LAYER} == {l: {False} for l in
+                                                                                     range(LAYER + 1)}, seen
+        assert all(seen[l] == {True} for l in range(LAYER + 1, ad.num_layers)) and seen["readout"] == {True}, seen
+    finally:
+        for h in handles:
+            h.remove()
+    assert not torch.is_autocast_enabled("cpu")
+    what = f"seed {seed}"
+    assert on.path == off.path == "suffix" and on.delta.dtype == torch.float32, what
+    assert torch.equal(on.h_init, off.h_init) and torch.equal(on.v0, off.v0), what
+    assert not torch.equal(on.delta, off.delta), what  # it did run in bfloat16
+    assert_close(on.delta, off.delta, 0.2, what)
+    assert_close(on.z, off.z, 0.05, what)
+    assert_close(on.loss, off.loss, 1e-2, what)
+    # the whole-model path and checkpointed replay take it too
+    hook = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp, autocast=torch.bfloat16,
+                           replay=False, checkpoint=True)
+    assert_close(hook.delta, off.delta, 0.2, what)
+    for bad in ("float16", "bf16", torch.float16, True):
+        with pytest.raises(InputError, match="autocast"):
+            compute_targets(model, tok, ad, REQUESTS[:1], LAYER, templates=tpl, autocast=bad)
+
+
+def test_bfloat16_autocast_leaves_a_float64_model_alone():
+    model, tok, ad, tpl, seed = _setup("gpt2", templates=1)
+    hp = VStarParams(3, loss_stop=0.0)
+    off = compute_targets(model, tok, ad, REQUESTS[:2], LAYER, templates=tpl, hparams=hp)
+    on = compute_targets(model, tok, ad, REQUESTS[:2], LAYER, templates=tpl, hparams=hp, autocast="bfloat16")
+    assert torch.equal(on.z, off.z) and torch.equal(on.delta, off.delta), f"seed {seed}"

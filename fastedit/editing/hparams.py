@@ -42,6 +42,10 @@ class EditParams:
             change results; a batch of any size runs in the memory of one chunk.
         vstar_checkpoint: recompute the blocks v* replays in its backward pass instead of keeping
             their activations (less memory per chunk, about a third more v* compute; same values).
+        vstar_autocast: None (default) or "bfloat16": v* runs the blocks above the edited layer
+            and the LM head under ``torch.autocast`` in bfloat16, δ and its Adam state staying in
+            float32 (float64 models are unaffected; :func:`fastedit.editing.targets.compute_targets`).
+            For float32 models on GPUs; it changes δ at bfloat16's precision.
     """
 
     layers: tuple = (4, 5, 6, 7, 8)
@@ -64,6 +68,7 @@ class EditParams:
     context_length: int = 10
     max_chunk_tokens: int | None = None
     vstar_checkpoint: bool = False
+    vstar_autocast: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -90,6 +95,8 @@ class EditParams:
                                                   isinstance(self.max_chunk_tokens, int) or self.max_chunk_tokens < 1):
             raise InputError(f"EditParams.max_chunk_tokens must be a positive integer or None, got "
                              f"{self.max_chunk_tokens!r}")
+        if self.vstar_autocast is not None and self.vstar_autocast != "bfloat16":
+            raise InputError(f"EditParams.vstar_autocast must be None (off) or 'bfloat16', got {self.vstar_autocast!r}")
         if not 0 < self.rect_keep <= 1:
             raise InputError(f"EditParams.rect_keep must be in (0, 1], got {self.rect_keep!r}")
         if not 0 < self.nas_trim_quantile <= 1:

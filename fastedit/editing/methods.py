@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 
 from fastedit import linalg
-from fastedit.editing.keys import block_outputs_at_lookup, compute_keys, values_at_lookup
+from fastedit.editing.keys import HiddenCache, block_outputs_at_lookup, compute_keys, values_at_lookup
 from fastedit.editing.nas import apply_anchor
 from fastedit.editing.regularizers import rect
 from fastedit.editing.targets import compute_targets
@@ -166,6 +166,10 @@ class BatchRun:
         self.layers: dict[int, dict] = {}
         self.solved_keys: dict[int, torch.Tensor] = {}
         self.written: dict[int, list[int]] = {}
+        # The key prompts' hidden states entering the last layer whose keys were read: the next
+        # layer's key pass starts there (keys.HiddenCache; the same keys, fewer blocks run).
+        self.key_cache = HiddenCache()
+        self.key_blocks: dict[int, dict] = {}
 
     # -- bookkeeping
     def _timed(self, stage: str, fn, *args, **kwargs):
@@ -196,7 +200,7 @@ class BatchRun:
         """
         t = self._timed("targets", compute_targets, self.model, self.tok, self.adapter, self.kept_requests, layer,
                         templates=self.templates, hparams=self.vparams, max_chunk_tokens=self.hparams.max_chunk_tokens,
-                        checkpoint=self.hparams.vstar_checkpoint)
+                        checkpoint=self.hparams.vstar_checkpoint, autocast=self.hparams.vstar_autocast)
         rec = {"steps": _tolist(t.steps), "loss": _tolist(t.loss), "nll": _tolist(t.nll),
                "delta_norm": _tolist(t.delta.to(torch.float64).norm(dim=-1)), "requests": list(self.kept),
                "chunks": t.chunks, "path": t.path}
@@ -222,8 +226,12 @@ class BatchRun:
         return z
 
     def keys(self, layer: int) -> torch.Tensor:
+        c = self.key_cache
+        before = c.blocks_run, c.blocks_skipped
         K = self._timed("keys", compute_keys, self.model, self.tok, self.adapter, self.kept_requests, [layer],
-                        templates=self.templates, max_chunk_tokens=self.hparams.max_chunk_tokens)[layer]
+                        templates=self.templates, max_chunk_tokens=self.hparams.max_chunk_tokens, cache=c)[layer]
+        self.key_blocks[layer] = {"key_blocks_run": c.blocks_run - before[0],
+                                  "key_blocks_skipped": c.blocks_skipped - before[1]}
         return K.to(torch.float64)
 
     def current(self, layer: int) -> torch.Tensor:
@@ -251,6 +259,7 @@ class BatchRun:
         t0 = time.perf_counter()
         info["w_norm_before"] = float(W.to(torch.float64).norm())
         W.add_(dW.to(device=W.device, dtype=W.dtype))
+        self.key_cache.changed(layer)
         info["w_norm_after"] = float(W.to(torch.float64).norm())
         info["delta_norm"] = float(dW.norm())
         if info["delta_norm"] > 0:
@@ -258,7 +267,7 @@ class BatchRun:
                 self.written.setdefault(i, []).append(layer)
         self.sync()
         self.times["apply"] = self.times.get("apply", 0.0) + time.perf_counter() - t0
-        self.layers[layer] = info
+        self.layers[layer] = {**info, **self.key_blocks.get(layer, {})}
         self.solved_keys[layer] = K
 
 
@@ -270,6 +279,8 @@ def run_distribute(run: BatchRun) -> None:
         if not run.kept:
             return
         K = run.keys(layer)
+        if i == len(layers) - 1:
+            run.key_cache.clear()
         cur = run.current(layers[-1])
         R = (z - cur).T / (len(layers) - i)
         run.solve_and_apply(layer, K, R)
@@ -278,14 +289,20 @@ def run_distribute(run: BatchRun) -> None:
 def run_blue(run: BatchRun) -> None:
     """BLUE: full residuals at the first, then (on the updated model) the last critical layer.
 
-    NAS acts on the first boundary layer's v* only (see the module docstring)."""
+    NAS acts on the first boundary layer's v* only (see the module docstring). The last layer's
+    keys are read before its v*: the same model (the first layer already updated), so the same
+    keys, read while the first key pass's hidden states are kept, which are dropped before v*."""
     for i, layer in enumerate(run.hparams.boundary_layers):
         if not run.kept:
             return
+        early = None
+        if i > 0:
+            early = (list(run.kept), run.keys(layer))
+            run.key_cache.clear()
         z = run.targets(layer, anchor=i == 0)
         if not run.kept:
             return
-        K = run.keys(layer)
+        K = early[1] if early is not None and early[0] == run.kept else run.keys(layer)
         cur = run.current(layer)
         run.solve_and_apply(layer, K, (z - cur).T)
 

@@ -99,7 +99,8 @@ def estimate_anchor(model, tok, adapter, requests: list, layer: int, *, hparams,
     vparams = hparams.vstar_params()
     for start in range(0, len(requests), batch_size):
         t = compute_targets(model, tok, adapter, requests[start:start + batch_size], layer,
-                            templates=BARE_PROMPT, hparams=vparams, progress=progress)
+                            templates=BARE_PROMPT, hparams=vparams, progress=progress,
+                            autocast=getattr(hparams, "vstar_autocast", None))
         norms.append((t.v0.to(torch.float64) + t.delta.to(torch.float64)).norm(dim=-1).cpu())
     norms = torch.cat(norms)
     mu = float(linalg.anchor_from_norms(norms, trim_quantile=hparams.nas_trim_quantile))
@@ -113,6 +114,8 @@ def anchor_key(model_fingerprint: str, layer: int, hparams, requests: list) -> s
     sample = [(r.prompt, r.subject, r.target_new) for r in requests]
     knobs = {k: getattr(hparams, k) for k in ("v_num_grad_steps", "v_lr", "clamp_norm_factor", "kl_factor",
                                               "v_weight_decay", "nas_trim_quantile")}
+    if getattr(hparams, "vstar_autocast", None) is not None:  # only then: earlier keys stay valid
+        knobs["vstar_autocast"] = hparams.vstar_autocast
     # ANCHOR_RULE names how μ is computed, so entries cached under an earlier rule are not reused
     h.update(json.dumps([model_fingerprint, layer, knobs, sample, ANCHOR_RULE], sort_keys=True).encode())
     return h.hexdigest()[:20]

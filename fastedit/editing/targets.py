@@ -41,6 +41,13 @@ a key/value cache of the prefix (``_Run``'s ``suffix`` path). When at most half 
 edits are still running, the next forward records again for the running ones only. The edits
 are optimised in chunks of at most ``max_chunk_tokens`` padded tokens, packed by length; chunks
 share nothing, so chunking changes no value. No model parameter receives a gradient.
+
+``autocast="bfloat16"`` (off by default) runs what each iteration recomputes, the blocks above
+``layer`` and the readout (final norm, LM head), under :func:`torch.autocast` on the model's
+device type: their matmuls in bfloat16, the residual stream, δ, the Adam state and the loss's
+log-softmax in the work dtype. Everything up to block ``layer`` (h_init, v0, the cached hidden
+state, the prefix cache) runs as without it, so the targets z = h_init + δ differ only by δ's
+optimisation. Autocast leaves float64 tensors alone: a float64 model is unaffected.
 """
 from __future__ import annotations
 
@@ -62,6 +69,7 @@ from fastedit.models import ModelAdapter, capture, edit_output, forward_until
 from fastedit.models.replay import PrefixCache, logits_from_hidden, record_blocks
 
 KL_PROMPT = "{} is a"
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
@@ -126,6 +134,47 @@ class Targets:
 
 def _work_dtype(model_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(model_dtype, torch.float32)
+
+
+def autocast_dtype(value, name: str = "autocast") -> torch.dtype | None:
+    """The dtype of v*'s autocast: None (off) or "bfloat16" (also as ``torch.bfloat16``); anything
+    else is refused, naming ``name``."""
+    if value is None:
+        return None
+    for key, dtype in AUTOCAST_DTYPES.items():
+        if value == key or value is dtype:
+            return dtype
+    raise InputError(f"{name} must be None (off) or one of {', '.join(map(repr, AUTOCAST_DTYPES))}, got {value!r}")
+
+
+@contextlib.contextmanager
+def _autocast_blocks(adapter: ModelAdapter, first: int, last: int, amp):
+    """Inside, blocks ``first..last`` of any forward pass run under ``amp`` (an autocast context,
+    entered before block ``first`` and left after block ``last``); nothing else does."""
+    if amp is None or first > last:
+        yield
+        return
+    entered = []
+
+    def enter(mod, args):
+        amp.__enter__()
+        entered.append(True)
+
+    def leave(mod, args, output):
+        if entered:
+            entered.pop()
+            amp.__exit__(None, None, None)
+
+    handles = [adapter.block(first).register_forward_pre_hook(enter, prepend=True),
+               adapter.block(last).register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while entered:  # a forward stopped inside the span (an error) must not leave autocast on
+            entered.pop()
+            amp.__exit__(None, None, None)
 
 
 class _Chunk:
@@ -230,10 +279,11 @@ class _Run:
     """
 
     def __init__(self, model, adapter: ModelAdapter, chunk: _Chunk, layer: int, last: int, hp: VStarParams,
-                 path: str, checkpointed: bool = False):
+                 path: str, checkpointed: bool = False, autocast: torch.dtype | None = None):
         self.model, self.adapter, self.chunk = model, adapter, chunk
         self.layer, self.last, self.hp, self.path = layer, last, hp, path
         self.checkpointed = checkpointed
+        self.autocast = autocast
         self.dtype = _work_dtype(adapter.dtype)
         self.replayer = None
         self.prefix: PrefixCache | None = None
@@ -241,6 +291,12 @@ class _Run:
         self.view: _View | None = None
         self.p_init = None
         self.forwards = 0
+
+    def _amp(self):
+        """A fresh autocast context for what each iteration recomputes (None when off)."""
+        if self.autocast is None:
+            return None
+        return torch.autocast(device_type=self.adapter.device.type, dtype=self.autocast)
 
     def _add(self, delta: torch.Tensor, m_rows: torch.Tensor, shape, lookup: torch.Tensor) -> torch.Tensor:
         """The (B, T, d) offset of block ``layer``'s output: the block offset of δ at each row's
@@ -284,6 +340,7 @@ class _Run:
             out = stack.enter_context(capture({"last": ad.block(last)}, detach=False))
             if replaying:
                 self.replayer = stack.enter_context(record_blocks(ad, layer + 1, last))
+            stack.enter_context(_autocast_blocks(ad, layer + 1, last, self._amp()))
             forward_until(self.model, ad.block(last), **inputs)
         self.forwards += 1
         if self.path != "hook":
@@ -299,7 +356,8 @@ class _Run:
                                          self.view.batch.lookup - self.split)
         if self.last == self.layer:
             return hidden
-        out = self.replayer.run(hidden, checkpointed=self.checkpointed)
+        with self._amp() or contextlib.nullcontext():
+            out = self.replayer.run(hidden, checkpointed=self.checkpointed)
         if self.prefix is not None:
             self.prefix.restore()
         return out
@@ -327,10 +385,12 @@ class _Run:
         h_last = self._replay(delta) if self.cached is not None else self._record(delta)
         off = self.split if self.path == "suffix" else 0
         m = self.chunk.m
-        logp = _log_probs(ad, h_last[view.tok_row, view.tok_pos - off], self.dtype)
+        with self._amp() or contextlib.nullcontext():
+            logp = _log_probs(ad, h_last[view.tok_row, view.tok_pos - off], self.dtype)
         tok_nll = -logp.gather(1, view.tok_label[:, None])[:, 0] * view.tok_weight.to(self.dtype)
         nll = torch.zeros(m, dtype=self.dtype, device=delta.device).index_add(0, view.tok_edit, tok_nll)
-        logq = _log_probs(ad, h_last[view.kl_row, view.kl_pos - off], self.dtype)
+        with self._amp() or contextlib.nullcontext():
+            logq = _log_probs(ad, h_last[view.kl_row, view.kl_pos - off], self.dtype)
         if self.p_init is None:
             # the first forward runs at δ = 0 over every edit: its distribution is p_init
             self.p_init = logq.detach()
@@ -467,7 +527,7 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
                     templates: list[list[str]], hparams=None, loss_layer: int | None = None, batched: bool = True,
                     progress: bool = False, chunk_size: int | None = None, max_chunk_tokens: int | None = None,
                     replay: bool = True, suffix: bool = True, checkpoint: bool = False,
-                    padding_side: str | None = None) -> Targets:
+                    padding_side: str | None = None, autocast: str | None = None) -> Targets:
     """Target residual-stream values z (n, d) at block ``layer`` for ``requests`` (see the module
     docstring for the loss and the optimisation).
 
@@ -492,11 +552,15 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
             activations (less memory, about one more forward per step; same values).
         padding_side: 'left' or 'right' for the paths that pad on one side (default: the
             tokenizer's); it does not change results.
+        autocast: None (default) or "bfloat16": the blocks above ``layer`` and the readout run
+            under :func:`torch.autocast` (see the module docstring); δ, Adam and z stay in the
+            work dtype. Faster where bfloat16 matmuls are (GPUs), at bfloat16's precision.
     Returns:
         :class:`Targets`, rows in request order, in float32 (float64 for a float64 model);
         ``chunks`` and ``path`` say how it was computed.
     """
     hp = VStarParams.coerce(hparams)
+    amp = autocast_dtype(autocast)
     require_eval(model)
     validate_requests(requests)
     adapter.check_layer(layer)
@@ -541,7 +605,7 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
                 chunk = _Chunk(rows.subset([e * P + p for e in idx for p in range(P)]), [tgt[i] for i in idx], P,
                                layout, pad_id, device)
                 with torch.enable_grad():
-                    parts.append(_optimise(_Run(model, adapter, chunk, layer, last, hp, path, checkpoint), idx, bar))
+                    parts.append(_optimise(_Run(model, adapter, chunk, layer, last, hp, path, checkpoint, amp), idx, bar))
     finally:
         if bar is not None:
             bar.close()
