@@ -353,3 +353,29 @@ def test_suffix_path_falls_back_to_the_whole_replay(monkeypatch):
     assert_close(back.z, ok.z, 1e-10, f"seed {seed}")
     with pytest.raises(InputError, match="max_chunk_tokens"):
         compute_targets(model, tok, ad, REQUESTS[:1], LAYER, templates=tpl, max_chunk_tokens=0)
+
+
+def test_default_budget_counts_prefix_columns_without_gradient(monkeypatch):
+    """Without max_chunk_tokens the chunks come from a byte budget: a suffix-path edit costs its
+    prefix columns at a no-gradient token's bytes and its suffix columns at a differentiated
+    one's, so a chunk holds more edits than a flat token count would allow; results as one chunk."""
+    from fastedit.editing import tokens
+    from fastedit.editing.targets import edit_widths, prompt_rows
+
+    model, tok, ad, tpl, seed = _setup("llama", templates=2)
+    hp = VStarParams(3, clamp_norm_factor=0.3, loss_stop=0.0)
+    P = len(flatten(tpl)) + 1
+    widths = edit_widths(prompt_rows(tok, RAGGED, flatten(tpl))[0], P, "lookup")
+    pre, suf = tokens.token_bytes(ad), tokens.token_bytes(ad, grad_layers=ad.num_layers - 1 - LAYER)
+    assert suf > pre
+    costs = [(a * pre, b * suf) for a, b in widths]
+    budget = 2 * P * max(a + b for a, b in costs)  # about two edits a chunk
+    monkeypatch.setattr(tokens, "CPU_BUDGET_BYTES", budget)
+    got = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp)
+    expected = tokens.length_chunks(costs, budget, group=P)
+    assert got.chunks == len(expected) >= 2, (got.chunks, expected)
+    for g in expected:
+        assert len(g) == 1 or P * len(g) * (max(costs[i][0] for i in g) + max(costs[i][1] for i in g)) <= budget
+    whole = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp, max_chunk_tokens=10 ** 6)
+    assert got.steps.tolist() == whole.steps.tolist()
+    assert_close(got.z, whole.z, 1e-12, f"seed {seed}")

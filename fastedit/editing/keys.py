@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from fastedit import _hf
+from fastedit import _hf, _mem
 from fastedit.editing.context import check_templates, flatten
 from fastedit.editing.requests import Request, validate_requests
 from fastedit.editing.tokens import TokenBatch, check_max_tokens, default_max_tokens, encode_rows, length_chunks
@@ -80,6 +80,8 @@ def _read(model, tokenizer, adapter: ModelAdapter, texts: list[str], subjects: l
             forward_until(model, stop, **batch.inputs())
         for name in reads:
             out[name].append(got[name])
+        del batch, got
+        _mem.trim(adapter.device)  # the chunk's activations are gone: give their pages back
     dtype = torch.promote_types(adapter.dtype, torch.float32)
     back = torch.argsort(torch.tensor([i for c in chunks for i in c])).to(adapter.device)
     return {name: torch.cat(parts).index_select(0, back).to(dtype) for name, parts in out.items()}
