@@ -150,7 +150,7 @@ def _run_case(size: dict) -> dict:
 def test_peak_memory_against_batch_size(benchmark, bench_size, size):
     results = []
     benchmark.group = f"one batch, peak memory ({size['model']})"
-    benchmark.extra_info.update(role="fastedit", op="AlphaEdit_BLUE one batch", size=f"n={size['n']}",
+    benchmark.extra_info.update(role="fastedit", op=f"AlphaEdit_BLUE one batch ({size['model']})", size=f"n={size['n']}",
                                 edits=size["n"])
     benchmark.pedantic(lambda: results.append(_run_case(size)), rounds=1, iterations=1, warmup_rounds=0)
     r = results[-1]
