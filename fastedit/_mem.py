@@ -5,7 +5,8 @@ heaps (its mmap threshold rises to the size of the largest block freed, so the n
 tensors of up to 32 MB land in the heap, not in their own mappings), and the process's resident
 memory then grows with the number of chunks run instead of staying at one chunk's. :func:`trim`
 hands the free pages back (glibc's ``malloc_trim(0)``, which also releases free pages inside
-the heaps); it changes no value and costs about a millisecond. Elsewhere (no glibc, or CUDA
+the heaps); it changes no value and costs milliseconds (7 ms measured after freeing 170 MB of
+256 kB tensors, every seventh kept), against seconds of work per chunk. Elsewhere (no glibc, or CUDA
 tensors, whose caching allocator reuses its blocks by itself) it does nothing.
 """
 from __future__ import annotations
