@@ -4,7 +4,10 @@ larger than a chunk; only K and R per layer (and the result) grow with the batch
 
 Each case runs ``Editor.edit`` (AlphaEdit_BLUE) in a fresh child process, which reports the
 process's peak resident set size (``ru_maxrss``) before and after the edit, the edit's seconds
-and how many v* chunks ran; a child per case keeps one case's peak out of the next.
+and how many v* chunks ran; a child per case keeps one case's peak out of the next. On Linux
+the child also restarts the kernel's peak counter (VmHWM) right before the edit, so
+``peak_rss_mb_edit`` is the edit's own peak (``peak_rss_mb`` may be the statistics pass's), and
+``result_mb`` is what the edit keeps of n edits (K, R and v*'s outputs per edited layer).
 
 - ``mid``: a random Llama (hidden 256, d_k 1024, 8 layers, float32), BLUE layers 1 and 3,
   random C0 with a null space; 10 / 100 / 1000 edits at the ``full`` size (CPU), 10000 more
@@ -46,6 +49,24 @@ def _child(cfg: dict) -> dict:
     def peak_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    def status_mb(field):
+        """VmRSS / VmHWM of /proc/self/status in MB (None off Linux)."""
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) / 1024 for l in f if l.startswith(field + ":"))
+        except (OSError, StopIteration):
+            return None
+
+    def reset_hwm():
+        """Restart VmHWM (the kernel's peak RSS) at the current RSS, so the edit's own peak is
+        read, not the statistics pass's or the model load's; False where that is not possible."""
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg["model"] == "testbed":
         model, tok = testbed.load("llama", device=device)
@@ -76,10 +97,18 @@ def _child(cfg: dict) -> dict:
     before = peak_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    rss_before = status_mb("VmRSS")
+    hwm = reset_hwm()
     t0 = time.perf_counter()
     report = editor.edit(requests, batch_size=len(requests)).to_dict()
     seconds = time.perf_counter() - t0
+    ad = editor.adapter
+    n_layers = len(editor.edit_layers)
     out = {"seconds": seconds, "peak_rss_mb_before": before, "peak_rss_mb": peak_mb(),
+           "rss_mb_before_edit": rss_before, "peak_rss_mb_edit": status_mb("VmHWM") if hwm else None,
+           # what the edit keeps of n edits: per edited layer K (float32 and float64), R (float64)
+           # and v*'s z, h_init, δ, v0 (float32)
+           "result_mb": len(requests) * n_layers * (12 * ad.d_k + 8 * ad.d + 16 * ad.d) / 2 ** 20,
            "chunks": {l: v["chunks"] for l, v in report["batches"][0]["vstar"].items()},
            "path": {l: v["path"] for l, v in report["batches"][0]["vstar"].items()},
            "times": report["times"], "n_edited": report["n_edited"]}
@@ -121,11 +150,14 @@ def _run_case(size: dict) -> dict:
 def test_peak_memory_against_batch_size(benchmark, bench_size, size):
     results = []
     benchmark.group = f"one batch, peak memory ({size['model']})"
-    benchmark.extra_info.update(role="fastedit", op="AlphaEdit_BLUE one batch", size=f"n={size['n']}",
+    benchmark.extra_info.update(role="fastedit", op=f"AlphaEdit_BLUE one batch ({size['model']})", size=f"n={size['n']}",
                                 edits=size["n"])
     benchmark.pedantic(lambda: results.append(_run_case(size)), rounds=1, iterations=1, warmup_rounds=0)
     r = results[-1]
     assert r["n_edited"] == size["n"]
+    for key in ("rss_mb_before_edit", "peak_rss_mb_edit", "result_mb"):
+        if r.get(key) is not None:
+            benchmark.extra_info[key] = round(r[key], 1)
     benchmark.extra_info.update(peak_rss_mb=round(r["peak_rss_mb"], 1), peak_rss_mb_before=round(r["peak_rss_mb_before"], 1),
                                 edit_seconds=round(r["seconds"], 2), edits_per_s=round(size["n"] / r["seconds"], 2),
                                 chunks=r["chunks"], path=r["path"],

@@ -48,6 +48,34 @@ def test_edit_checks_requests_and_stats_before_loading(tmp_path, records_file, n
     _one_line_error(capsys, "--model", "not a directory")
 
 
+def test_edit_chunk_budget_and_checkpoint_flags_reach_the_edit_params(tmp_path, records_file, monkeypatch, capsys):
+    from fastedit.errors import InputError
+
+    seen = {}
+
+    class Stop:
+        def __init__(self, model, tok, *, hparams, **kwargs):
+            seen["hparams"] = hparams
+            raise InputError("stopped before editing")
+
+    monkeypatch.setattr("fastedit.editing.cli.load_model", lambda *a, **k: (object(), object()))
+    monkeypatch.setattr("fastedit.stats.collect_stats", lambda *a, **k: {})
+    monkeypatch.setattr("fastedit.editing.editor.Editor", Stop)
+    base = ["edit", "--model", "testbed", "--requests", str(records_file), "--out", str(tmp_path / "o")]
+    assert main(base + ["--max-chunk-tokens", "4096", "--vstar-checkpoint"]) == 2
+    assert (seen["hparams"].max_chunk_tokens, seen["hparams"].vstar_checkpoint) == (4096, True)
+    assert main(base) == 2
+    assert (seen["hparams"].max_chunk_tokens, seen["hparams"].vstar_checkpoint) == (None, False)
+    capsys.readouterr()
+    monkeypatch.setattr("fastedit.editing.cli.load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    assert main(base + ["--max-chunk-tokens", "0"]) == 2
+    _one_line_error(capsys, "--max-chunk-tokens", "positive")
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--max-chunk-tokens N" in out and "--vstar-checkpoint" in out
+
+
 def test_stats_checks_corpus_before_loading(tmp_path, no_model_load, capsys):
     assert main(["stats", "--model", "testbed", "--corpus", str(tmp_path / "docs.txt")]) == 2
     _one_line_error(capsys, "does not exist")

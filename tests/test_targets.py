@@ -303,8 +303,13 @@ def test_suffix_path_equals_the_full_model(arch):
 
 def test_chunks_are_independent_bit_for_bit():
     """Each chunk is optimised on its own: chunked v* gives, bit for bit, what each chunk gives
-    alone, and within float64 rounding what one chunk of every edit gives (other batch shapes
-    round differently in the matmuls and the attention; nothing else differs)."""
+    alone, and within float64 rounding what one chunk of every edit gives. Nothing of one edit
+    reaches another (per-edit losses summed, per-edit Adam), but the CPU's float64 GEMM picks
+    its kernel and blocking by the number of rows: F.linear(x[:M], W)[:2] differs in the last
+    bits between M = 2 and M = 4 (and the attention's softmax by the padded width), so the same
+    row in a batch of another shape rounds differently; the chunked and whole results differ by
+    ~2e-15 even when every edit has the same widths. Bit for bit across chunk sizes would need
+    a row-by-row GEMM, many times slower; the default path keeps batched GEMMs."""
     model, tok, ad, tpl, seed = _setup("llama", templates=2)
     hp = VStarParams(4, clamp_norm_factor=0.3, loss_stop=0.0)
     per_edit = len(flatten(tpl)) + 1
@@ -419,3 +424,29 @@ def test_bfloat16_autocast_leaves_a_float64_model_alone():
     off = compute_targets(model, tok, ad, REQUESTS[:2], LAYER, templates=tpl, hparams=hp)
     on = compute_targets(model, tok, ad, REQUESTS[:2], LAYER, templates=tpl, hparams=hp, autocast="bfloat16")
     assert torch.equal(on.z, off.z) and torch.equal(on.delta, off.delta), f"seed {seed}"
+
+
+def test_default_budget_counts_prefix_columns_without_gradient(monkeypatch):
+    """Without max_chunk_tokens the chunks come from a byte budget: a suffix-path edit costs its
+    prefix columns at a no-gradient token's bytes and its suffix columns at a differentiated
+    one's, so a chunk holds more edits than a flat token count would allow; results as one chunk."""
+    from fastedit.editing import tokens
+    from fastedit.editing.targets import edit_widths, prompt_rows
+
+    model, tok, ad, tpl, seed = _setup("llama", templates=2)
+    hp = VStarParams(3, clamp_norm_factor=0.3, loss_stop=0.0)
+    P = len(flatten(tpl)) + 1
+    widths = edit_widths(prompt_rows(tok, RAGGED, flatten(tpl))[0], P, "lookup")
+    pre, suf = tokens.token_bytes(ad), tokens.token_bytes(ad, grad_layers=ad.num_layers - 1 - LAYER)
+    assert suf > pre
+    costs = [(a * pre, b * suf) for a, b in widths]
+    budget = 2 * P * max(a + b for a, b in costs)  # about two edits a chunk
+    monkeypatch.setattr(tokens, "CPU_BUDGET_BYTES", budget)
+    got = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp)
+    expected = tokens.length_chunks(costs, budget, group=P)
+    assert got.chunks == len(expected) >= 2, (got.chunks, expected)
+    for g in expected:
+        assert len(g) == 1 or P * len(g) * (max(costs[i][0] for i in g) + max(costs[i][1] for i in g)) <= budget
+    whole = compute_targets(model, tok, ad, RAGGED, LAYER, templates=tpl, hparams=hp, max_chunk_tokens=10 ** 6)
+    assert got.steps.tolist() == whole.steps.tolist()
+    assert_close(got.z, whole.z, 1e-12, f"seed {seed}")

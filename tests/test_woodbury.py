@@ -115,3 +115,28 @@ def test_cancellation_compares_against_its_own_copy_of_the_keys(gen):
     assert state.rank_since_refactor == 6
     B = torch.randn(n, 2, dtype=F64, generator=gen)
     assert_close(state.apply_inverse(B), torch.linalg.solve(dense, B), 1e-10)
+
+
+def test_a_block_wider_than_the_system_refactors_without_a_capacitance(gen, monkeypatch):
+    # Many keys at once (a batch of thousands of edits against a few hundred dimensions) reach
+    # the refactorisation in one add; the (m + k)² capacitance it would discard is never built,
+    # and the state is bit for bit the one the capacitance route ends in.
+    n, k = 17, 40
+    A = random_spd(n, cond=1e2, generator=gen)
+    V = torch.randn(n, k, dtype=F64, generator=gen)
+    state = LowRankCholesky(A.clone())
+    state.add(torch.randn(n, 2, dtype=F64, generator=gen), 1)
+    expected = state.A.clone()
+    expected.view(-1, n, n).baddbmm_(V.reshape(-1, n, k), V.reshape(-1, n, k).mT)
+
+    def no_capacitance(*args, **kwargs):
+        raise AssertionError("the capacitance route ran")
+
+    monkeypatch.setattr("fastedit.linalg.woodbury.cholesky_apply_inverse", no_capacitance)
+    state.add(V, 1)
+    monkeypatch.undo()
+    assert state.refactorizations == 1 and state.rank_since_refactor == 0
+    assert torch.equal(state.A, expected)
+    assert torch.equal(state.L, cholesky_factor(expected))
+    B = torch.randn(n, 3, dtype=F64, generator=gen)
+    assert_close(state.apply_inverse(B), torch.linalg.solve(expected, B), 1e-10)

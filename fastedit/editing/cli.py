@@ -54,6 +54,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     regs = [r for r in REGULARIZERS if r is not None]
     parser.add_argument("--regularizer", choices=regs, default=None, help=choices_help(regs) + " (default none)")
     parser.add_argument("--batch-size", type=int, default=100, help="edits per sequential batch (default 100)")
+    parser.add_argument("--max-chunk-tokens", type=int, default=None, metavar="N",
+                        help="memory budget of a batch's v*, key pass and residual reads: at most N padded token "
+                             "positions per chunk (default: from the device's free memory, 128 MiB on the CPU); "
+                             "lower it if a large batch runs out of memory. Results do not change")
+    parser.add_argument("--vstar-checkpoint", action="store_true",
+                        help="recompute the blocks v* replays in its backward pass instead of keeping their "
+                             "activations: less memory per chunk, about a third more v* compute, same results")
     parser.add_argument("--preset", default=None, help="hyperparameter preset (default: from the model name)")
     parser.add_argument("--layers", type=layer_list, default=None, help="override the preset's critical layers")
     parser.add_argument("--vstar-autocast", choices=["bfloat16"], default=None,
@@ -115,6 +122,9 @@ def _check_args(args) -> None:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_chunk_tokens is not None and args.max_chunk_tokens < 1:
+        raise InputError(f"--max-chunk-tokens must be a positive number of token positions, got "
+                         f"{args.max_chunk_tokens} (leave it out for the default budget)")
     if args.stats is None and args.corpus is None:
         if testbed_arch(args.model) is None:
             raise InputError("the edit needs the covariance statistics of the edited layers: pass --stats DIR "
@@ -146,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
         hparams = hparams.replace(layers=tuple(args.layers), blue_layers=None)
     if args.vstar_autocast:
         hparams = hparams.replace(vstar_autocast=args.vstar_autocast)
+    if args.max_chunk_tokens is not None or args.vstar_checkpoint:
+        hparams = hparams.replace(max_chunk_tokens=args.max_chunk_tokens or hparams.max_chunk_tokens,
+                                  vstar_checkpoint=args.vstar_checkpoint or hparams.vstar_checkpoint)
     layers = list(edited_layers(args.strategy, hparams))
     if args.stats is not None:
         check_stats_dir(args.stats, layers)

@@ -37,8 +37,8 @@ class EditParams:
         nas_seed: seed of the random choice of the anchor sample when more are given.
         context_n, context_length: number and token length of generated context prefixes.
         max_chunk_tokens: memory budget of v*, the key pass and the residual reads, in padded
-            token positions per chunk (None: from the device's free memory, or a fixed budget on
-            the CPU: :func:`fastedit.editing.tokens.default_max_tokens`). Chunking does not
+            token positions per chunk (None: from the device's free memory, or a fixed 128 MiB
+            on the CPU: :func:`fastedit.editing.tokens.default_max_tokens`). Chunking does not
             change results; a batch of any size runs in the memory of one chunk.
         vstar_checkpoint: recompute the blocks v* replays in its backward pass instead of keeping
             their activations (less memory per chunk, about a third more v* compute; same values).

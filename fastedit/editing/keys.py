@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from fastedit import _hf
+from fastedit import _hf, _mem
 from fastedit.editing.context import check_templates, flatten
 from fastedit.editing.requests import Request, validate_requests
 from fastedit.editing.tokens import (EncodedRows, TokenBatch, check_max_tokens, default_max_tokens, encode_rows,
@@ -205,6 +205,8 @@ def _read_cached(model, adapter: ModelAdapter, rows: EncodedRows, chunks: list, 
             kept += new.numel() * new.element_size()
         for name in reads:
             out[name].append(got[name])
+        del batch, got, recorded, state, new
+        _mem.trim(adapter.device)  # the chunk's activations are gone: give their pages back
     cache.key, cache.start, cache.output_len = key, cache_layer, output_len
     if not cache.states:
         cache.clear()
@@ -244,6 +246,8 @@ def _read(model, tokenizer, adapter: ModelAdapter, texts: list[str], subjects: l
                 forward_until(model, stop, **batch.inputs())
             for name in reads:
                 out[name].append(got[name])
+            del batch, got
+            _mem.trim(adapter.device)  # the chunk's activations are gone: give their pages back
     else:
         try:
             _read_cached(model, adapter, rows, chunks, key, reads, stop, out, cache, span, side=side, pad_id=pad_id,

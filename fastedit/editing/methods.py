@@ -43,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from fastedit import linalg
+from fastedit import _mem, linalg
 from fastedit.editing.keys import HiddenCache, block_outputs_at_lookup, compute_keys, values_at_lookup
 from fastedit.editing.nas import apply_anchor
 from fastedit.editing.regularizers import rect
@@ -177,6 +177,7 @@ class BatchRun:
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         self.sync()
+        _mem.trim(self.adapter.device)  # a stage's temporaries are gone: give their pages back
         self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - t0
         return out
 

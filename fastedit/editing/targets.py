@@ -58,12 +58,12 @@ from typing import Sequence
 
 import torch
 
-from fastedit import _hf
+from fastedit import _hf, _mem
 from fastedit.editing.context import check_templates, flatten
 from fastedit.editing.keys import require_eval
 from fastedit.editing.requests import Request, validate_requests
-from fastedit.editing.tokens import (EncodedRows, TokenBatch, check_max_tokens, default_max_tokens, encode_rows,
-                                     length_chunks, target_ids)
+from fastedit.editing.tokens import (EncodedRows, TokenBatch, check_max_tokens, chunk_budget_bytes, encode_rows,
+                                     length_chunks, target_ids, token_bytes)
 from fastedit.errors import EditError, FastEditError, InputError
 from fastedit.models import ModelAdapter, capture, edit_output, forward_until
 from fastedit.models.replay import PrefixCache, logits_from_hidden, record_blocks
@@ -539,9 +539,11 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
         batched: optimise all edits together (True) or one after another (False; same result).
         chunk_size: at most this many edits per chunk.
         max_chunk_tokens: at most this many padded token positions (rows × width) per chunk;
-            default :func:`fastedit.editing.tokens.default_max_tokens` (from the device's free
-            memory). Edits are packed by length, so chunks pad little. Each chunk is optimised
-            on its own and only its results are kept: the same values as one chunk.
+            default: :func:`fastedit.editing.tokens.chunk_budget_bytes` (from the device's free
+            memory; 128 MiB on the CPU) over :func:`fastedit.editing.tokens.token_bytes`, a
+            suffix-path chunk's prefix columns counted without gradient. Edits are packed by
+            length, so chunks pad little. Each chunk is optimised on its own and only its
+            results are kept: the same values as one chunk.
         replay: run only the blocks above ``layer`` each step (True), or the whole model with a
             hook adding δ (False).
         suffix: with replay, run those blocks on the columns from the lookup token on only,
@@ -586,13 +588,19 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
             probe = _Chunk(rows.subset(range(P)), tgt[:1], P, "lookup", pad_id, device)
             path = "suffix" if _suffix_matches(model, adapter, probe, layer, last, hp) else "replay"
     layout = "lookup" if path == "suffix" else side
-    if max_chunk_tokens is None:
-        max_chunk_tokens = default_max_tokens(adapter, grad_layers=last - layer)
     widths = edit_widths(rows, P, layout)
+    if max_chunk_tokens is None:
+        # A budget in bytes: the prefix columns of the suffix path run once without gradient,
+        # the suffix columns (all columns on the other paths) through the differentiated blocks.
+        limit = chunk_budget_bytes(adapter)
+        pre, suf = token_bytes(adapter), token_bytes(adapter, grad_layers=last - layer)
+        costs = [(a * pre, b * suf) for a, b in widths]
+    else:
+        limit, costs = max_chunk_tokens, widths
     if not batched:
         groups = [[i] for i in range(len(requests))]
     else:
-        groups = [g[start:start + (chunk_size or len(g))] for g in length_chunks(widths, max_chunk_tokens, group=P)
+        groups = [g[start:start + (chunk_size or len(g))] for g in length_chunks(costs, limit, group=P)
                   for start in range(0, len(g), chunk_size or len(g))]
     parts = []
     bar = None
@@ -606,6 +614,8 @@ def compute_targets(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
                                layout, pad_id, device)
                 with torch.enable_grad():
                     parts.append(_optimise(_Run(model, adapter, chunk, layer, last, hp, path, checkpoint, amp), idx, bar))
+                del chunk
+                _mem.trim(device)  # only the chunk's results remain: give its activations' pages back
     finally:
         if bar is not None:
             bar.close()

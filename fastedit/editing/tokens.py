@@ -203,29 +203,40 @@ def check_max_tokens(max_tokens) -> None:
         raise InputError(f"max_chunk_tokens must be a positive integer or None, got {max_tokens!r}")
 
 
-CPU_BUDGET_BYTES = 512 * 2 ** 20
+CPU_BUDGET_BYTES = 128 * 2 ** 20
 CUDA_BUDGET_SHARE = 0.5
 
 
+def chunk_budget_bytes(adapter) -> int:
+    """The memory one chunk may use: half of the CUDA device's free memory, or a fixed
+    :data:`CPU_BUDGET_BYTES` (128 MiB) on the CPU. On a CPU a chunk of a few thousand tokens
+    already runs its matmuls at full speed, so a larger one would only hold more memory."""
+    device = adapter.device
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * CUDA_BUDGET_SHARE)
+    return CPU_BUDGET_BYTES
+
+
+def token_bytes(adapter, *, grad_layers: int = 0) -> int:
+    """Bytes one token position holds at a time (an estimate). A forward without gradient keeps
+    about (8d + 4 d_k) numbers of one block's activations (the MLP's gate, up, activation and
+    product, the attention's projections and the residual) plus a key/value cache of 2d per
+    layer; each of the ``grad_layers`` blocks a backward pass runs through keeps about
+    (8d + 4 d_k) more (the inputs of its matmuls, norms and activations)."""
+    size = torch.tensor([], dtype=adapter.dtype).element_size()
+    return (8 * adapter.d + 4 * adapter.d_k + 2 * adapter.d * adapter.num_layers
+            + grad_layers * (8 * adapter.d + 4 * adapter.d_k)) * size
+
+
 def default_max_tokens(adapter, *, grad_layers: int = 0, budget_bytes: int | None = None) -> int:
-    """Token positions per chunk that fit a memory budget: ``budget_bytes`` (default half of the
-    CUDA device's free memory, or a fixed 512 MiB on the CPU) divided by the bytes one token
-    position holds. A forward without gradient keeps about (4d + 2 d_k) numbers per token at a
-    time (one block's activations) plus a key/value cache of 2d per layer; each of the
-    ``grad_layers`` blocks a backward pass runs through keeps about (8d + 4 d_k) more (the
-    inputs of its matmuls, norms and activations). An estimate, not a guarantee: lower the
-    budget (``EditParams.max_chunk_tokens``) if a chunk does not fit.
+    """Token positions per chunk that fit a memory budget: ``budget_bytes`` (default
+    :func:`chunk_budget_bytes`: half of the CUDA device's free memory, or 128 MiB on the CPU) divided
+    by :func:`token_bytes` (with ``grad_layers`` blocks differentiated). An estimate, not a
+    guarantee: lower the budget (``EditParams.max_chunk_tokens``) if a chunk does not fit.
     """
     if budget_bytes is None:
-        device = adapter.device
-        if device.type == "cuda":
-            budget_bytes = int(torch.cuda.mem_get_info(device)[0] * CUDA_BUDGET_SHARE)
-        else:
-            budget_bytes = CPU_BUDGET_BYTES
-    size = torch.tensor([], dtype=adapter.dtype).element_size()
-    per_token = (4 * adapter.d + 2 * adapter.d_k + 2 * adapter.d * adapter.num_layers
-                 + grad_layers * (8 * adapter.d + 4 * adapter.d_k)) * size
-    return max(1, budget_bytes // per_token)
+        budget_bytes = chunk_budget_bytes(adapter)
+    return max(1, budget_bytes // token_bytes(adapter, grad_layers=grad_layers))
 
 
 def encode_prompts(tokenizer, templates: Sequence[str], subjects: Sequence[str], *,

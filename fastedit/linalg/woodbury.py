@@ -121,6 +121,13 @@ class LowRankCholesky:
                 self._drop_block(i)
                 return
             start += width
+        if sign > 0 and self.overhead_flops + 2 * n * n * k + 2 * n * m * k + 2 * n * k * k >= self.refactor_flops:
+            # This add alone would reach the refactorisation below, so refactor now without the
+            # (m + k)² capacitance it would discard (n² · k² bytes when many keys come at once,
+            # e.g. a batch of thousands of edits). Adding keys keeps A positive definite.
+            self._add_outer(V, sign)
+            self.refactor()
+            return
         YV = cholesky_apply_inverse(self.L, V)
         cross = self.U.mT @ YV
         inner = V.mT @ YV
