@@ -30,6 +30,7 @@ import argparse
 import json
 import random
 import pathlib
+import textwrap
 import time
 
 CONFIGS = [("memit", "distribute"), ("alphaedit", "distribute"), ("memit", "blue"), ("alphaedit", "blue")]
@@ -181,7 +182,7 @@ def plot(rows: list, path: pathlib.Path, title: str) -> None:
         ax.grid(alpha=0.3)
     handles, labels = ax_w.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(title, 200 if with_spec else 150)), fontsize=8)
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
