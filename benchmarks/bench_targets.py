@@ -38,10 +38,12 @@ GROUP = "v* batched"
 _PROBLEMS: dict = {}
 
 
-def _problem(size: dict, device: torch.device):
-    key = (tuple(sorted(size.items())), str(device))
+def _problem(size: dict, device: torch.device, dtype: torch.dtype | None = None):
+    """(model, tokenizer, adapter, requests, templates, VStarParams) of one size, made once;
+    the model in ``dtype`` (default bfloat16 on CUDA, float32 on the CPU)."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    key = (tuple(sorted(size.items())), str(device), dtype)
     if key not in _PROBLEMS:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = tiny_model("llama", vocab_size=size["vocab"], dtype=dtype, hidden_size=size["d"],
                            intermediate_size=size["d_ff"], num_hidden_layers=size["layers"],
                            num_attention_heads=max(4, size["d"] // 128), num_key_value_heads=max(2, size["d"] // 256),
@@ -189,18 +191,7 @@ _AUTOCAST: dict = {}
                          ids=lambda c: c["name"])
 def test_vstar_autocast(benchmark, timed, bench_size, device, autocast, case):
     size = case
-    key = ("problem", size["name"], str(device))
-    if key not in _AUTOCAST:
-        model = tiny_model("llama", vocab_size=size["vocab"], dtype=torch.float32, hidden_size=size["d"],
-                           intermediate_size=size["d_ff"], num_hidden_layers=size["layers"],
-                           num_attention_heads=max(4, size["d"] // 128), num_key_value_heads=max(2, size["d"] // 256),
-                           initializer_range=0.2).to(device)
-        tok = tiny_tokenizer()
-        pairs = list(itertools.product(PROMPTS, SUBJECTS))
-        requests = [Request(*pairs[i % len(pairs)], TARGETS[i % len(pairs) % len(TARGETS)]) for i in range(size["n"])]
-        _AUTOCAST[key] = (model, tok, get_adapter(model), requests, context_templates(model, tok, n=5, length=10),
-                          VStarParams(size["steps"], v_lr=0.1, loss_stop=0.0))
-    model, tok, ad, requests, templates, hp = _AUTOCAST[key]
+    model, tok, ad, requests, templates, hp = _problem(size, device, torch.float32)
     out = []
     benchmark.group = f"v* bfloat16 autocast, float32 model ({device.type})"
     benchmark.extra_info.update(role="fastedit", op=f"v* float32 model, {autocast} matmuls", edits=size["n"],
