@@ -284,10 +284,7 @@ def test_finished(benchmark):
 def test_interrupted(benchmark):
     def slow():
         pathlib.Path("started").touch()
-        # Short sleeps, as real work would be: a process-directed SIGINT may land on another
-        # thread (torch's pool), and then one long sleep of the main thread is not cut short.
-        for _ in range(600):
-            time.sleep(0.1)
+        time.sleep(60)
 
     benchmark.pedantic(slow, rounds=3)
 '''
@@ -311,7 +308,10 @@ def test_sigint_keeps_the_finished_benchmarks(harness, tmp_path):
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
          "--rootdir", str(tmp_path), "--benchmark-enable", "--benchmark-min-rounds=1", "--benchmark-max-time=0.001",
          f"--benchmark-json={out}", "bench_stop.py"],
-        cwd=tmp_path, env=_bench_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=tmp_path, env=_bench_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # A shell's background job (`cmd &` without job control) starts with SIGINT ignored, and a
+        # Python started so keeps ignoring it: give the child the default disposition back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (tmp_path / "started").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
