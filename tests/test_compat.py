@@ -92,6 +92,16 @@ def test_unknown_keys_are_refused_or_warned_by_name():
     assert cfg.unknown == {"mom2_sample_size": 5}
 
 
+def test_fastedit_fields_that_are_no_numbers_pass_through():
+    cfg = load_hparams(_tiny_file(vstar_checkpoint=True, vstar_autocast="bfloat16", max_chunk_tokens=4096),
+                       alg_name="MEMIT")
+    hp = cfg.params
+    assert (hp.vstar_checkpoint, hp.vstar_autocast, hp.max_chunk_tokens) == (True, "bfloat16", 4096)
+    for key, bad in (("vstar_checkpoint", "yes"), ("vstar_autocast", "float16"), ("max_chunk_tokens", 0)):
+        with pytest.raises(InputError, match=key):
+            load_hparams(_tiny_file(**{key: bad}), alg_name="MEMIT")
+
+
 @pytest.mark.parametrize("key,value", [("fact_token", "last"), ("layer_selection", "random"),
                                        ("mom2_adjustment", False), ("context_template_length_params", [[5, 10], [10, 10]]),
                                        ("v_lr", "fast")])

@@ -53,7 +53,7 @@ MODULE_KEYS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn
                "lm_head_module")
 STATS_KEYS = ("mom2_dataset", "mom2_n_samples", "mom2_dtype", "stats_dir")
 INFO_KEYS = ("model_name", "alg_name", "device", "model_parallel", "batch_size", "P_loc")
-_INT_FIELDS = {"v_num_grad_steps", "nas_sample_size", "nas_seed", "context_n", "context_length"}
+_INT_FIELDS = {"v_num_grad_steps", "nas_sample_size", "nas_seed", "context_n", "context_length", "max_chunk_tokens"}
 _TUPLE_FIELDS = {"layers", "blue_layers"}
 
 _BASES = {"memit": "memit", "alphaedit": "alphaedit"}
@@ -145,6 +145,12 @@ def _parse_alg(alg: str, where: str) -> dict:
             "regularizer": reg}
 
 
+#: fastedit's own fields that are no numbers (a file may set them like any EditParams field).
+_CHECKED_BY_EDITPARAMS = ("vstar_checkpoint", "vstar_autocast")
+#: Fields whose None means "not set" (the default).
+_OPTIONAL_FIELDS = ("blue_layers", "max_chunk_tokens")
+
+
 def _number(key: str, value, fieldname: str, where: str):
     # PyYAML reads YAML 1.1, where "1e-1" (no dot) is a string: EasyEdit's files are full of them.
     if fieldname in _TUPLE_FIELDS:
@@ -221,7 +227,10 @@ def load_hparams(source, *, alg_name: str | None = None, strict: bool = True, **
     for key, value in data.items():
         if key in PARAM_KEYS or key in own:
             name = PARAM_KEYS.get(key, key)
-            fields[name] = None if value is None and name == "blue_layers" else _number(key, value, name, where)
+            if name in _CHECKED_BY_EDITPARAMS or (value is None and name in _OPTIONAL_FIELDS):
+                fields[name] = value  # not a number: EditParams checks it
+            else:
+                fields[name] = _number(key, value, name, where)
         elif key in FIXED_KEYS:
             want = FIXED_KEYS[key]
             if value != want:

@@ -95,6 +95,8 @@ class EditParams:
                                                   isinstance(self.max_chunk_tokens, int) or self.max_chunk_tokens < 1):
             raise InputError(f"EditParams.max_chunk_tokens must be a positive integer or None, got "
                              f"{self.max_chunk_tokens!r}")
+        if not isinstance(self.vstar_checkpoint, bool):
+            raise InputError(f"EditParams.vstar_checkpoint must be True or False, got {self.vstar_checkpoint!r}")
         if self.vstar_autocast is not None and self.vstar_autocast != "bfloat16":
             raise InputError(f"EditParams.vstar_autocast must be None (off) or 'bfloat16', got {self.vstar_autocast!r}")
         if not 0 < self.rect_keep <= 1:
