@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+from fastedit.editing.hparams import VSTAR_AUTOCAST
 from fastedit.editing.methods import METHODS, REGULARIZERS, STRATEGIES
 from fastedit.errors import FastEditError, InputError
 from fastedit.loading import (DTYPES, add_layout_argument, add_threads_argument, check_corpus, check_model,
@@ -63,7 +64,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "activations: less memory per chunk, about a third more v* compute, same results")
     parser.add_argument("--preset", default=None, help="hyperparameter preset (default: from the model name)")
     parser.add_argument("--layers", type=layer_list, default=None, help="override the preset's critical layers")
-    parser.add_argument("--vstar-autocast", choices=["bfloat16"], default=None,
+    parser.add_argument("--vstar-autocast", choices=VSTAR_AUTOCAST, default=None,
                         help="run v*'s upper blocks and LM head under torch.autocast in this dtype (δ and Adam "
                              "stay float32): faster on GPUs for a float32 model, δ at bfloat16 precision (default off)")
     parser.add_argument("--stats", default=None, help="directory with layer_<l>.safetensors from `fastedit stats`")

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 from fastedit.errors import InputError
 
+#: The dtypes v* may autocast its replayed blocks to (EditParams.vstar_autocast, --vstar-autocast).
+VSTAR_AUTOCAST = ("bfloat16",)
+
 
 @dataclass(frozen=True)
 class EditParams:
@@ -97,8 +100,9 @@ class EditParams:
                              f"{self.max_chunk_tokens!r}")
         if not isinstance(self.vstar_checkpoint, bool):
             raise InputError(f"EditParams.vstar_checkpoint must be True or False, got {self.vstar_checkpoint!r}")
-        if self.vstar_autocast is not None and self.vstar_autocast != "bfloat16":
-            raise InputError(f"EditParams.vstar_autocast must be None (off) or 'bfloat16', got {self.vstar_autocast!r}")
+        if self.vstar_autocast is not None and self.vstar_autocast not in VSTAR_AUTOCAST:
+            raise InputError(f"EditParams.vstar_autocast must be None (off) or "
+                             f"{' or '.join(map(repr, VSTAR_AUTOCAST))}, got {self.vstar_autocast!r}")
         if not 0 < self.rect_keep <= 1:
             raise InputError(f"EditParams.rect_keep must be in (0, 1], got {self.rect_keep!r}")
         if not 0 < self.nas_trim_quantile <= 1:

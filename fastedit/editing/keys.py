@@ -30,7 +30,7 @@ from fastedit import _hf, _mem
 from fastedit.editing.context import check_templates, flatten
 from fastedit.editing.requests import Request, validate_requests
 from fastedit.editing.tokens import (EncodedRows, TokenBatch, check_max_tokens, default_max_tokens, encode_rows,
-                                     length_chunks)
+                                     kv_cache_bytes, length_chunks)
 from fastedit.errors import InputError
 from fastedit.models import ModelAdapter, forward_until
 from fastedit.models.hooks import _hidden
@@ -67,12 +67,11 @@ def _gather_lookup(adapter: ModelAdapter, reads: dict, batch: TokenBatch) -> Ite
 
 def hidden_cache_budget(adapter: ModelAdapter, max_tokens: int) -> int:
     """Bytes a :class:`HiddenCache` may hold next to passes of ``max_tokens``-position chunks: the
-    room :func:`fastedit.editing.tokens.default_max_tokens` sets aside per token for a key/value
-    cache (2·d per layer), which the key and residual passes (``use_cache=False``) never fill. So
-    up to 2·num_layers·max_tokens cached positions of d numbers each, and such a pass with the
-    cache stays within the memory one chunk is budgeted for."""
-    size = torch.tensor([], dtype=adapter.dtype).element_size()
-    return int(max_tokens) * 2 * adapter.d * adapter.num_layers * size
+    room :func:`fastedit.editing.tokens.token_bytes` sets aside per token for a key/value cache
+    (:func:`~fastedit.editing.tokens.kv_cache_bytes`, 2·d per layer), which the key and residual
+    passes (``use_cache=False``) never fill. So up to 2·num_layers·max_tokens cached positions of
+    d numbers each, and such a pass with the cache stays within the memory one chunk is budgeted for."""
+    return int(max_tokens) * kv_cache_bytes(adapter)
 
 
 class HiddenCache:

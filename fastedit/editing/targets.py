@@ -60,6 +60,7 @@ import torch
 
 from fastedit import _hf, _mem
 from fastedit.editing.context import check_templates, flatten
+from fastedit.editing.hparams import VSTAR_AUTOCAST
 from fastedit.editing.keys import require_eval
 from fastedit.editing.requests import Request, validate_requests
 from fastedit.editing.tokens import (EncodedRows, TokenBatch, check_max_tokens, chunk_budget_bytes, encode_rows,
@@ -69,7 +70,7 @@ from fastedit.models import ModelAdapter, capture, edit_output, forward_until
 from fastedit.models.replay import PrefixCache, logits_from_hidden, record_blocks
 
 KL_PROMPT = "{} is a"
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
+AUTOCAST_DTYPES = {name: getattr(torch, name) for name in VSTAR_AUTOCAST}
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 

@@ -217,6 +217,13 @@ def chunk_budget_bytes(adapter) -> int:
     return CPU_BUDGET_BYTES
 
 
+def kv_cache_bytes(adapter) -> int:
+    """Bytes of one token position's key/value cache, 2d numbers per layer: part of
+    :func:`token_bytes`, and the room a pass that keeps no cache may use otherwise
+    (:func:`fastedit.editing.keys.hidden_cache_budget`)."""
+    return 2 * adapter.d * adapter.num_layers * torch.tensor([], dtype=adapter.dtype).element_size()
+
+
 def token_bytes(adapter, *, grad_layers: int = 0) -> int:
     """Bytes one token position holds at a time (an estimate). A forward without gradient keeps
     about (8d + 4 d_k) numbers of one block's activations (the MLP's gate, up, activation and
@@ -224,8 +231,7 @@ def token_bytes(adapter, *, grad_layers: int = 0) -> int:
     layer; each of the ``grad_layers`` blocks a backward pass runs through keeps about
     (8d + 4 d_k) more (the inputs of its matmuls, norms and activations)."""
     size = torch.tensor([], dtype=adapter.dtype).element_size()
-    return (8 * adapter.d + 4 * adapter.d_k + 2 * adapter.d * adapter.num_layers
-            + grad_layers * (8 * adapter.d + 4 * adapter.d_k)) * size
+    return (1 + grad_layers) * (8 * adapter.d + 4 * adapter.d_k) * size + kv_cache_bytes(adapter)
 
 
 def default_max_tokens(adapter, *, grad_layers: int = 0, budget_bytes: int | None = None) -> int:
