@@ -24,6 +24,7 @@ import re
 import numpy as np
 import torch
 
+from fastedit import _io
 from fastedit.errors import InputError
 from fastedit.stats.cache import read_reference_npz
 
@@ -146,11 +147,14 @@ def export_reference_stats(stats: dict, directory, model, *, model_name: str | N
                              f"count are what the reference stores), got {type(acc).__name__}")
         S, count = acc.sum.to("cpu", torch.float64), int(acc.count)
         path = folder / _npz_name(adapter.rewrite_name(layer), dtype, n_samples)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **{"mom2.constructor": np.array("util.runningstats.SecondMoment()"),
-                         "mom2.count": np.array(count),
-                         "mom2.mom2": S.numpy().astype(dtype),
-                         "sample_size": np.array(n_samples) if n_samples is not None else np.array(_NULL)})
-        os.replace(tmp, path)
+        arrays = {"mom2.constructor": np.array("util.runningstats.SecondMoment()"), "mom2.count": np.array(count),
+                  "mom2.mom2": S.numpy().astype(dtype),
+                  "sample_size": np.array(n_samples) if n_samples is not None else np.array(_NULL)}
+
+        def write(tmp, arrays=arrays):
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+                np.savez(f, **arrays)
+
+        _io.atomic_write(path, write)
         out[layer] = path
     return out
